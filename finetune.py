@@ -1,0 +1,252 @@
+"""Instruction-tune a LLaMA-style model with LoRA: `python finetune.py --base_model ... --data_path ...`.
+
+With no flags it trains the embedded SmolLM2-135M-Instruct on the shipped 999-record Alpaca sample.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from utils.cli import UserError, log, run
+from utils.data import DEFAULT_DATA, load_records, resolve_val_set_size, split_records, tokenize_records
+from utils.prompts import Prompter
+
+
+def train(
+    # model/data params
+    base_model: str = "",
+    data_path: str = DEFAULT_DATA,
+    output_dir: str = "./lora-alpaca",
+    # training hyperparams
+    batch_size: int = 128,
+    micro_batch_size: int = 4,
+    num_epochs: float = 3,
+    learning_rate: float = 3e-4,
+    cutoff_len: int = 256,
+    val_set_size: Optional[float] = None,
+    # lora hyperparams
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: Union[str, list[str]] = ("q_proj", "v_proj"),
+    # llm hyperparams
+    train_on_inputs: bool = True,
+    add_eos_token: bool = True,
+    group_by_length: bool = False,
+    # wandb params
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    wandb_watch: str = "",
+    wandb_log_model: str = "",
+    resume_from_checkpoint: Union[None, bool, str] = None,
+    prompt_template_name: str = "alpaca",
+    # beyond the original
+    quantization: str = "auto",
+    column_map: Union[None, str, dict] = None,
+    max_steps: int = -1,
+    warmup_steps: int = 100,
+    save_steps: int = 200,
+    logging_steps: int = 10,
+    gradient_checkpointing: bool = False,
+    tensorboard: bool = False,
+    overwrite_output_dir: bool = False,
+    seed: int = 42,
+):
+    """Fine-tune a causal LM with LoRA on instruction data and save the adapter to output_dir.
+
+    Args:
+        base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.
+        data_path: .json/.jsonl file or Hub data set id (e.g. yahma/alpaca-cleaned); default: the shipped 999-record Alpaca sample.
+        output_dir: Where checkpoints, the final adapter, the tokenizer and metrics.json are written.
+        batch_size: Records per optimizer step (global, over all processes).
+        micro_batch_size: Records per forward pass on each device; batch_size must be a multiple of it.
+        num_epochs: Passes over the training data.
+        learning_rate: Peak AdamW learning rate.
+        cutoff_len: Maximum tokens per record; longer records are truncated.
+        val_set_size: Held-out records (a count, or a fraction < 1); default 2000 as in the original, or 5% of sets under 40,000 records.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Linear layers to adapt, e.g. [q_proj,v_proj] or all-linear.
+        train_on_inputs: If False, the loss skips the prompt (instruction and input) tokens.
+        add_eos_token: Append EOS so the model learns to stop (the original left it off; on by default here).
+        group_by_length: Batch records of similar length together: less padding, faster, a noisier loss curve.
+        wandb_project: Weights & Biases project; logging to wandb is on only when this (or WANDB_PROJECT) is set.
+        wandb_run_name: Weights & Biases run name.
+        wandb_watch: false | gradients | all.
+        wandb_log_model: false | true (upload checkpoints to wandb).
+        resume_from_checkpoint: A checkpoint-N dir (full resume), True (the latest in output_dir), or an adapter dir (new run from its weights).
+        prompt_template_name: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path.
+        quantization: auto (8bit on CUDA, none elsewhere) | 8bit | 4bit (QLoRA NF4) | none.
+        column_map: Rename data columns, e.g. question=instruction,answer=output.
+        max_steps: Stop after this many optimizer steps (overrides num_epochs when > 0).
+        warmup_steps: Linear warm-up steps (at most a tenth of the run, so short runs reach the learning rate).
+        save_steps: Optimizer steps between checkpoints and validation passes.
+        logging_steps: Optimizer steps between loss reports.
+        gradient_checkpointing: Recompute activations in the backward pass: less memory, about 30% slower.
+        tensorboard: Also log to TensorBoard (in output_dir/runs).
+        overwrite_output_dir: Allow writing into an output_dir that holds an earlier run.
+        seed: Seed for the data split, shuffling and LoRA initialisation.
+    """
+    arguments = dict(locals())  # recorded in output_dir/training_args.json
+    from utils import models, training
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    target_modules = parse_target_modules(lora_target_modules)
+    grad_accum = training.check_batch_sizes(batch_size, micro_batch_size, world_size)
+    prompter = Prompter(prompt_template_name, verbose=True)
+    device = models.pick_device("auto")
+    quantization = models.pick_quantization(quantization, device)
+    records = load_records(data_path, column_map)
+    val_size = resolve_val_set_size(val_set_size, len(records))
+    out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
+    checkpoint, warm_start = training.resolve_resume(resume_from_checkpoint, out)
+    if checkpoint:
+        training.check_checkpoint_matches(checkpoint, lora_r, target_modules)
+    report_to = reporting(wandb_project, wandb_watch, wandb_log_model, tensorboard)
+
+    base_path = models.resolve_base_model(base_model)
+    models.check_target_modules(base_path, target_modules)
+    tokenizer = models.load_tokenizer(base_path)
+    train_records, val_records = split_records(records, val_size, seed)
+    prepare = dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
+                   train_on_inputs=train_on_inputs, add_eos_token=add_eos_token)
+    train_data = tokenize_records(train_records, **prepare)
+    val_data = tokenize_records(val_records, **prepare) if val_records is not None else None
+
+    log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
+        f"({'full precision' if quantization == 'none' else quantization}, {models.pick_dtype(device)})")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_map = {"": local_rank} if world_size > 1 and device == "cuda" else None
+    model = models.load_model(base_path, quantization, device, device_map=device_map)
+    model = wrap_lora(model, quantization, warm_start, gradient_checkpointing,
+                      r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
+
+    trainer = build_trainer(
+        model, tokenizer, train_data, val_data, out, device,
+        micro_batch_size=micro_batch_size, grad_accum=grad_accum, num_epochs=num_epochs, max_steps=max_steps,
+        learning_rate=learning_rate, warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=logging_steps,
+        group_by_length=group_by_length, gradient_checkpointing=gradient_checkpointing, report_to=report_to,
+        run_name=wandb_run_name or None, seed=seed, world_size=world_size,
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    metrics = dict(result.metrics)
+    if val_data is not None:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        save_run(trainer, tokenizer, out, metrics, arguments)
+    log(f"Saved the LoRA adapter to {out}")
+
+
+def parse_target_modules(value) -> list[str]:
+    """Accept [q_proj,v_proj], "q_proj,v_proj" or all-linear from the command line."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    if not names:
+        raise UserError("--lora_target_modules is empty; e.g. --lora_target_modules='[q_proj,v_proj]'")
+    return names
+
+
+def reporting(wandb_project: str, wandb_watch: str, wandb_log_model: str, tensorboard: bool) -> list[str]:
+    """The Trainer's report_to: wandb only when a project is named (flag or WANDB_PROJECT), as the original."""
+    report_to = []
+    if wandb_project or os.environ.get("WANDB_PROJECT"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--wandb_project needs the wandb package: pip install wandb")
+        for key, value in (("WANDB_PROJECT", wandb_project), ("WANDB_WATCH", wandb_watch), ("WANDB_LOG_MODEL", wandb_log_model)):
+            if value:
+                os.environ[key] = value
+        report_to.append("wandb")
+    if tensorboard:
+        report_to.append("tensorboard")
+    return report_to or ["none"]
+
+
+def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_checkpointing: bool, **lora):
+    """Add trainable LoRA layers (or load an adapter's weights to continue from) on top of the frozen base."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from utils.models import load_adapter
+
+    if quantization != "none":
+        # Casts norms to fp32 and enables input gradients: what 8-bit/4-bit LoRA needs to train stably.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model.config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
+    if warm_start:
+        model = load_adapter(model, warm_start, trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(bias="none", task_type="CAUSAL_LM", **lora))
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        model.print_trainable_parameters()
+    return model
+
+
+def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, micro_batch_size, grad_accum,
+                  num_epochs, max_steps, learning_rate, warmup_steps, save_steps, logging_steps, group_by_length,
+                  gradient_checkpointing, report_to, run_name, seed, world_size):
+    """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from utils.training import LossGuard
+
+    steps_per_epoch = max(1, len(train_data) // (micro_batch_size * grad_accum * world_size))
+    total_steps = max_steps if max_steps > 0 else int(steps_per_epoch * num_epochs)
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=grad_accum,
+        warmup_steps=min(warmup_steps, max(0, total_steps // 10)),
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        bf16=bf16,
+        fp16=device.startswith("cuda") and not bf16,  # with the Trainer's loss scaling
+        logging_steps=logging_steps,
+        optim="adamw_torch",
+        eval_strategy="steps" if val_data is not None else "no",
+        save_strategy="steps",
+        eval_steps=save_steps if val_data is not None else None,
+        save_steps=save_steps,
+        save_total_limit=3,
+        load_best_model_at_end=val_data is not None,
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        activation_checkpointing=gradient_checkpointing,
+        report_to=report_to,
+        run_name=run_name,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=device == "cpu",
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        callbacks=[LossGuard()],
+    )
+
+
+def save_run(trainer, tokenizer, out: Path, metrics: dict, arguments: dict) -> None:
+    """The final adapter (PEFT's own save_pretrained, safetensors), tokenizer, arguments and metrics."""
+    from utils.training import save_atomically
+
+    def save(tmp: Path):
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    save_atomically(save, out)
+
+
+if __name__ == "__main__":
+    run(train)

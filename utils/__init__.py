@@ -1,0 +1,1 @@
+"""Shared code for the alpaca-lora scripts: one module per concern."""

@@ -1,0 +1,158 @@
+"""Instruction data: load Alpaca/Dolly records from a file or the hub, validate, split and tokenize."""
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from utils.cli import UserError, log
+from utils.prompts import Prompter
+
+DEFAULT_DATA = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_en_demo.json")
+IGNORE_INDEX = -100  # the label value the loss skips
+# Dolly's columns mean the same as Alpaca's; they are renamed, not converted.
+DOLLY_COLUMNS = {"context": "input", "response": "output"}
+
+
+def parse_column_map(column_map: Union[None, str, dict]) -> dict:
+    """`{"question": "instruction", "answer": "output"}` or the flag form "question=instruction,answer=output"."""
+    if not column_map:
+        return {}
+    if isinstance(column_map, dict):
+        return {str(k): str(v) for k, v in column_map.items()}
+    pairs = [p.split("=") for p in str(column_map).split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise UserError(f"--column_map '{column_map}' should look like question=instruction,answer=output")
+    return {src.strip(): dst.strip() for src, dst in pairs}
+
+
+def read_json_records(path: Path) -> list:
+    """A JSON array or JSON Lines file, with the line of any syntax error named."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid {path.suffix[1:].upper()}: {err.msg} at line {err.lineno}, column {err.colno}") from None
+
+
+def load_raw_records(data_path: str) -> list:
+    """Records from a local .json/.jsonl file or, for anything else, a Hugging Face Hub data set id."""
+    path = Path(data_path).expanduser()
+    if path.suffix in (".json", ".jsonl"):
+        if not path.is_file():
+            raise UserError(f"data file {data_path} not found")
+        records = read_json_records(path)
+        if not isinstance(records, list):
+            raise UserError(f"{data_path} should hold a list of records, found a {type(records).__name__}")
+        return records
+    if path.exists():
+        raise UserError(f"data file {data_path} should be .json or .jsonl")
+    from datasets import load_dataset
+
+    try:  # the real hub path (yahma/alpaca-cleaned, databricks/databricks-dolly-15k, ...)
+        return load_dataset(data_path, split="train").to_list()
+    except Exception as err:  # datasets raises many types for "no such data set" / offline
+        raise UserError(f"could not load data set '{data_path}' from the Hugging Face Hub: {str(err).splitlines()[0]}") from None
+
+
+def normalize_record(record, index: int, source: str, column_map: dict) -> dict:
+    """One record as {instruction, input, output}, from Alpaca, Dolly or mapped column names."""
+    if not isinstance(record, dict):
+        raise UserError(f"{source}: record {index} is a {type(record).__name__}, not an object with instruction/output fields")
+    record = {column_map.get(k, k): v for k, v in record.items()}
+    if "output" not in record and "response" in record:
+        record = {DOLLY_COLUMNS.get(k, k): v for k, v in record.items()}
+    missing = [k for k in ("instruction", "output") if k not in record]
+    if missing:
+        raise UserError(
+            f"{source}: record {index} lacks {' and '.join(missing)} (has {', '.join(sorted(record)) or 'no fields'}); "
+            "records need instruction/input/output (Alpaca) or instruction/context/response (Dolly), "
+            "or map other names with --column_map"
+        )
+    out = {k: record.get(k) or "" for k in ("instruction", "input", "output")}
+    bad = [k for k, v in out.items() if not isinstance(v, str)]
+    if bad:
+        raise UserError(f"{source}: record {index} field {bad[0]} should be text, found {type(out[bad[0]]).__name__}")
+    return out
+
+
+def load_records(data_path: str, column_map: Union[None, str, dict] = None) -> list[dict]:
+    """Validated {instruction, input, output} records; errors name the file and the record."""
+    mapping = parse_column_map(column_map)
+    records = [normalize_record(r, i, data_path, mapping) for i, r in enumerate(load_raw_records(data_path))]
+    if not records:
+        raise UserError(f"{data_path} holds no records")
+    return records
+
+
+def resolve_val_set_size(val_set_size: Optional[float], num_records: int) -> int:
+    """Records to hold out: an explicit count or fraction, or the original's 2000 (5% on small sets)."""
+    if val_set_size is None:
+        return 2000 if num_records >= 40_000 else max(1, num_records // 20) if num_records >= 20 else 0
+    size = round(val_set_size * num_records) if 0 < val_set_size < 1 else int(val_set_size)
+    if size < 0 or size >= num_records:
+        raise UserError(
+            f"--val_set_size {val_set_size} leaves no training records ({num_records} records in the data); "
+            "use a smaller count, a fraction such as 0.05, or 0 for no validation"
+        )
+    return size
+
+
+def render(record: dict, prompter: Prompter) -> dict:
+    """The training text and where the response starts in it (the loss mask is derived from this)."""
+    prompt = prompter.generate_prompt(record["instruction"], record["input"])
+    return {"text": prompt + record["output"], "response_start": len(prompt)}
+
+
+def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool) -> dict:
+    """Render and tokenize a batch of records; labels are -100 on prompt tokens unless train_on_inputs."""
+    rendered = [render(dict(zip(batch, values)), prompter) for values in zip(*batch.values())]
+    enc = tokenizer([r["text"] for r in rendered], truncation=True, max_length=cutoff_len, return_offsets_mapping=True)
+    eos = tokenizer.eos_token_id
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for ids, offsets, r in zip(enc["input_ids"], enc["offset_mapping"], rendered):
+        # A token is part of the response when its characters end past the prompt; special tokens such as
+        # BOS have empty (0, 0) offsets and belong to the prompt.
+        start = r["response_start"]
+        labels = [t if train_on_inputs or end > start else IGNORE_INDEX for t, (_, end) in zip(ids, offsets)]
+        if add_eos_token and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+            ids, labels = ids + [eos], labels + [eos]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+    return out
+
+
+def tokenize_records(records, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool):
+    """A datasets.Dataset of input_ids/attention_mask/labels, prepared with batched map (52K records in seconds).
+
+    Records whose response was cut off entirely by cutoff_len teach nothing (and would give a NaN loss
+    in a batch of their own), so they are dropped with a message."""
+    from datasets import Dataset
+
+    dataset = records if isinstance(records, Dataset) else Dataset.from_list(records)
+    dataset = dataset.map(
+        tokenize_batch,
+        batched=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs=dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
+                       train_on_inputs=train_on_inputs, add_eos_token=add_eos_token),
+        desc="Tokenizing",
+    )
+    kept = dataset.filter(lambda batch: [any(t != IGNORE_INDEX for t in l) for l in batch["labels"]], batched=True)
+    if len(kept) < len(dataset):
+        log(f"Dropped {len(dataset) - len(kept)} records whose response lies beyond cutoff_len={cutoff_len} tokens")
+    return kept
+
+
+def split_records(records: list[dict], val_set_size: int, seed: int = 42):
+    """(train, val) datasets; val is None when val_set_size is 0. Same split as the original (seed 42)."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(records)
+    if not val_set_size:
+        return dataset, None
+    split = dataset.train_test_split(test_size=val_set_size, shuffle=True, seed=seed)
+    log(f"Data: {len(split['train'])} training and {len(split['test'])} validation records")
+    return split["train"], split["test"]

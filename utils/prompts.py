@@ -1,0 +1,52 @@
+"""Prompt templates (templates/*.json): render prompts and cut the response out of model output."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from utils.cli import UserError
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+
+
+def available_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
+
+
+class Prompter:
+    """Renders an Alpaca-style template: `prompt + output` is exactly what the model is trained on."""
+
+    def __init__(self, template_name: str = "alpaca", verbose: bool = False):
+        path = Path(template_name)
+        if path.suffix != ".json":  # a bare name refers to the shipped templates
+            path = TEMPLATES_DIR / f"{template_name}.json"
+        if not path.is_file():
+            raise UserError(
+                f"unknown prompt template '{template_name}': choose one of "
+                f"{', '.join(available_templates())} or give a path to a .json template"
+            )
+        try:
+            self.template = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"template {path} is not valid JSON: {err}") from None
+        missing = [k for k in REQUIRED_KEYS if k not in self.template]
+        if missing:
+            raise UserError(f"template {path} lacks {', '.join(missing)}; see templates/README.md")
+        self.name = path.stem
+        if verbose:
+            print(f"Using prompt template {self.name}: {self.template.get('description', '')}")
+
+    def generate_prompt(self, instruction: str, input: Optional[str] = None, label: Optional[str] = None) -> str:
+        """The prompt for one record; with `label`, the full training text (prompt + response)."""
+        if input:
+            prompt = self.template["prompt_input"].format(instruction=instruction, input=input)
+        else:
+            prompt = self.template["prompt_no_input"].format(instruction=instruction)
+        if label:
+            prompt = f"{prompt}{label}"
+        return prompt
+
+    def get_response(self, output: str) -> str:
+        """The text after the template's response marker (the model's answer alone)."""
+        return output.split(self.template["response_split"], 1)[-1].strip()

@@ -1,0 +1,121 @@
+"""Training plumbing around the Hugging Face Trainer: run directories, resuming, saving, guards."""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from transformers import TrainerCallback
+
+from utils.cli import UserError, log
+
+CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation steps per process; the global batch must split evenly over micro-batches and ranks."""
+    if micro_batch_size < 1 or batch_size < 1:
+        raise UserError(f"--batch_size ({batch_size}) and --micro_batch_size ({micro_batch_size}) must be at least 1")
+    if batch_size % (micro_batch_size * world_size):
+        raise UserError(
+            f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size}"
+            + (f" × {world_size} processes" if world_size > 1 else "")
+            + f"; try --batch_size {max(1, batch_size // (micro_batch_size * world_size)) * micro_batch_size * world_size}"
+        )
+    return batch_size // (micro_batch_size * world_size)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last, so a checkpoint without it was interrupted mid-save."""
+    return (path / "trainer_state.json").is_file() and any((path / f).is_file() for f in ADAPTER_FILES)
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    checkpoints = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    complete = [p for p in checkpoints if is_complete_checkpoint(p)]
+    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> Path:
+    """Create output_dir, prove it is writable, and refuse to overwrite an earlier run by accident."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (resuming or overwrite):
+        raise UserError(
+            f"--output_dir {output_dir} already holds files from an earlier run: pass --resume_from_checkpoint "
+            "to continue it, --overwrite_output_dir to replace it, or choose another --output_dir"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as err:
+        raise UserError(f"--output_dir {output_dir} is not writable ({err.strerror})") from None
+    return path
+
+
+def resolve_resume(resume_from_checkpoint: Union[None, bool, str], output_dir: Path) -> tuple[Optional[str], Optional[str]]:
+    """(Trainer checkpoint to resume fully, adapter dir to warm-start from); never silently starts over."""
+    if not resume_from_checkpoint:
+        return None, None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise UserError(f"--resume_from_checkpoint: no complete checkpoint-N directory in {output_dir} to resume")
+        log(f"Resuming the full training state from {found}")
+        return str(found), None
+    path = Path(resume_from_checkpoint).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} not found")
+    if is_complete_checkpoint(path):
+        log(f"Resuming the full training state (optimizer, scheduler, step, RNG) from {path}")
+        return str(path), None
+    if (path / "trainer_state.json").is_file() or path.name.startswith(CHECKPOINT_PREFIX):
+        raise UserError(f"checkpoint {path} is incomplete (interrupted while saving); resume from an earlier one")
+    if any((path / f).is_file() for f in ADAPTER_FILES):
+        log(f"{path} is an adapter, not a Trainer checkpoint: starting a NEW run (step 0, fresh optimizer) from its weights")
+        return None, str(path)
+    raise UserError(f"--resume_from_checkpoint {path} holds neither a Trainer checkpoint nor an adapter")
+
+
+def check_checkpoint_matches(checkpoint: str, lora_r: int, target_modules: list[str]) -> None:
+    """A checkpoint trained with other LoRA shapes cannot resume; say which flag differs."""
+    config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
+    if config.get("r") != lora_r:
+        raise UserError(f"checkpoint {checkpoint} was trained with --lora_r {config.get('r')}, not {lora_r}")
+    if target_modules != ["all-linear"] and sorted(config.get("target_modules") or []) != sorted(target_modules):
+        raise UserError(
+            f"checkpoint {checkpoint} targets {sorted(config.get('target_modules'))}, not {sorted(target_modules)}: "
+            "pass the same --lora_target_modules"
+        )
+
+
+class LossGuard(TrainerCallback):
+    """Stop at once when the loss turns NaN/inf or sits at exactly 0: the original's fp16 + 8-bit failure."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss) or loss == 0.0:
+            raise UserError(
+                f"training loss is {loss} at step {state.global_step}: the run diverged. Try a lower --learning_rate, "
+                "bf16 or fp32 instead of fp16 (--quantization none on GPUs without bf16), or check the data for empty outputs"
+            )
+
+
+def save_atomically(save, output_dir: Path) -> None:
+    """Write with `save(tmpdir)`, then move each file into output_dir: an interruption never leaves a
+    half-written adapter in place of a good one."""
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".saving-"))
+    try:
+        save(tmp)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".json"):  # weights first, config last
+            os.chmod(item, 0o644)  # mkdtemp's private mode must not leak onto the published files
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
