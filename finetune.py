@@ -209,10 +209,12 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         bf16=bf16,
         fp16=device.startswith("cuda") and not bf16,  # with the Trainer's loss scaling
         logging_steps=logging_steps,
+        logging_nan_inf_filter=False,  # the filter turns NaN losses into 0.0, hiding the very failure to report
         optim="adamw_torch",
         eval_strategy="steps" if val_data is not None else "no",
         save_strategy="steps",
         eval_steps=save_steps if val_data is not None else None,
+        eval_on_start=val_data is not None,  # the base model's held-out loss: the baseline the curve starts from
         save_steps=save_steps,
         save_total_limit=3,
         load_best_model_at_end=val_data is not None,

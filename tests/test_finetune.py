@@ -1,0 +1,218 @@
+"""finetune.py end to end on tiny random LLaMA models (seconds each) and once on the embedded SmolLM2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+from tiny import REPO
+from utils.cli import UserError
+
+QUICK = dict(batch_size=8, micro_batch_size=4, cutoff_len=128, val_set_size=8, logging_steps=1, save_steps=4, warmup_steps=0)
+
+
+def run_train(tiny_model, data, out, **overrides):
+    args = dict(QUICK, base_model=str(tiny_model), data_path=str(data), output_dir=str(out), max_steps=4) | overrides
+    finetune.train(**args)
+    return Path(out)
+
+
+def logged(out, key):
+    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
+    history = state["log_history"] if state else json.loads((out / "metrics.json").read_text())["log_history"]
+    return [(h["step"], h[key]) for h in history if key in h]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """One 12-step run at a high learning rate shared by the adapter checks."""
+    data = tmp_path_factory.mktemp("data") / "alpaca.json"
+    data.write_text(json.dumps(json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:40]))
+    out = tmp_path_factory.mktemp("run") / "lora"
+    run_train(tiny_model, data, out, max_steps=12, learning_rate=1e-2, lora_target_modules="q_proj,k_proj,v_proj,o_proj")
+    return out
+
+
+def test_training_lowers_the_loss(trained):
+    evals = [loss for _, loss in logged(trained / "checkpoint-12", "eval_loss")]
+    losses = [loss for _, loss in logged(trained / "checkpoint-12", "loss")]
+    assert len(losses) == 12 and len(evals) == 4 and evals[-1] < evals[0] - 0.1, (evals, losses)
+
+
+def test_adapter_holds_every_target_module(trained):
+    weights = trained / "adapter_model.safetensors"
+    assert weights.stat().st_size > 10_000  # the original's monkeypatch wrote a 443-byte empty file
+    tensors = load_file(weights)
+    for layer in range(2):
+        for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            assert f"{prefix}.lora_A.weight" in tensors and f"{prefix}.lora_B.weight" in tensors
+            assert tensors[f"{prefix}.lora_B.weight"].abs().sum() > 0  # lora_B starts at zero: it trained
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_adapter_reloads_and_changes_logits(trained, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, trained)
+    assert not torch.allclose(before, tuned(ids).logits, atol=1e-4)
+
+
+def test_run_directory_contents(trained):
+    for name in ("tokenizer.json", "tokenizer_config.json", "training_args.json", "metrics.json", "adapter_config.json"):
+        assert (trained / name).is_file(), name
+    args = json.loads((trained / "training_args.json").read_text())
+    assert args["learning_rate"] == 1e-2 and args["lora_r"] == 8
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert "train_loss" in metrics and "eval_loss" in metrics
+    assert not list(trained.glob(".saving-*"))  # nothing half-written left behind
+
+
+def test_resume_continues_from_the_saved_step(tiny_model, alpaca_file, tmp_path):
+    """Stopping at step 4 and resuming to step 8 gives the same losses as one uninterrupted 8-step run."""
+    straight = run_train(tiny_model, alpaca_file, tmp_path / "straight", max_steps=8, val_set_size=0)
+    out = run_train(tiny_model, alpaca_file, tmp_path / "resumed", max_steps=4, val_set_size=0)
+    run_train(tiny_model, alpaca_file, out, max_steps=8, val_set_size=0, resume_from_checkpoint=True)
+    resumed = logged(out / "checkpoint-8", "loss")
+    assert [s for s, _ in resumed] == list(range(1, 9))  # steps 1-4 from the first run, 5-8 resumed, none repeated
+    expected = logged(straight / "checkpoint-8", "loss")
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in expected], rel=1e-4)
+
+
+def test_adapter_dir_warm_starts_a_new_run(trained, tiny_model, alpaca_file, tmp_path, capsys):
+    out = run_train(tiny_model, alpaca_file, tmp_path / "warm", max_steps=1, val_set_size=0, resume_from_checkpoint=str(trained))
+    assert "starting a NEW run" in capsys.readouterr().out
+    assert logged(out / "checkpoint-1", "loss")[0][0] == 1
+
+
+def test_8bit_and_4bit_train_on_cpu(tiny_model, alpaca_file, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    for quantization in ("8bit", "4bit"):
+        out = run_train(tiny_model, alpaca_file, tmp_path / quantization, max_steps=2, val_set_size=0, quantization=quantization)
+        assert f"on cpu ({quantization}, torch.float32)" in capsys.readouterr().out
+        tensors = load_file(out / "adapter_model.safetensors")
+        assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items()), quantization
+
+
+def test_nan_loss_stops_the_run(tiny_model, alpaca_file, tmp_path):
+    """An overflowing model (here: a NaN planted in the weights, as fp16 overflow produces) stops at once."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    model = AutoModelForCausalLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(broken)
+    with pytest.raises(UserError, match="training loss is nan at step 1: the run diverged"):
+        run_train(broken, alpaca_file, tmp_path / "nan", max_steps=3, val_set_size=0)
+
+
+def test_loss_guard_stops_on_exact_zero():
+    from transformers import TrainerControl, TrainerState
+
+    from utils.training import LossGuard
+
+    state = TrainerState()
+    state.global_step = 30
+    LossGuard().on_log(None, state, TrainerControl(), logs={"loss": 0.25})
+    with pytest.raises(UserError, match="training loss is 0.0 at step 30"):
+        LossGuard().on_log(None, state, TrainerControl(), logs={"loss": 0.0})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(batch_size=10, micro_batch_size=4), "--batch_size 10 is not a multiple of --micro_batch_size 4; try --batch_size 8"),
+        (dict(prompt_template_name="nope"), "unknown prompt template 'nope'"),
+        (dict(data_path="missing.json"), "data file missing.json not found"),
+        (dict(val_set_size=40), "--val_set_size 40 leaves no training records"),
+        (dict(lora_target_modules="q_proj,query_key_value"), "query_key_value not in the model; its linear layers are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+        (dict(quantization="3bit"), "unknown --quantization '3bit'"),
+        (dict(resume_from_checkpoint="nowhere"), "--resume_from_checkpoint nowhere not found"),
+        (dict(base_model="./no-such-model"), "base model directory ./no-such-model not found"),
+        (dict(base_model="missing.gguf"), "GGUF file missing.gguf not found"),
+    ],
+)
+def test_bad_input_fails_before_loading_the_model(tiny_model, alpaca_file, tmp_path, monkeypatch, overrides, message):
+    import utils.models
+
+    monkeypatch.setattr(utils.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_train(tiny_model, alpaca_file, tmp_path / "out", **overrides)
+
+
+def test_non_empty_output_dir_is_not_overwritten(tiny_model, alpaca_file, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "adapter_model.safetensors").write_text("earlier run")
+    with pytest.raises(UserError, match="already holds files from an earlier run: pass --resume_from_checkpoint"):
+        run_train(tiny_model, alpaca_file, tmp_path / "out")
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_text() == "earlier run"
+
+
+def test_unwritable_output_dir(tiny_model, alpaca_file, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        run_train(tiny_model, alpaca_file, tmp_path / "file")
+    with pytest.raises(UserError, match="is not writable"):
+        run_train(tiny_model, alpaca_file, "/proc/lora-out")
+
+
+def test_incomplete_checkpoint_is_refused(tiny_model, alpaca_file, tmp_path):
+    broken = tmp_path / "out" / "checkpoint-4"
+    broken.mkdir(parents=True)
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no complete checkpoint-N directory"):
+        run_train(tiny_model, alpaca_file, tmp_path / "out", resume_from_checkpoint=True)
+    with pytest.raises(UserError, match="is incomplete \\(interrupted while saving\\)"):
+        run_train(tiny_model, alpaca_file, tmp_path / "out", resume_from_checkpoint=str(broken))
+
+
+def test_resume_with_other_lora_shape_is_refused(trained, tiny_model, alpaca_file, tmp_path):
+    with pytest.raises(UserError, match="trained with --lora_r 8, not 16"):
+        run_train(tiny_model, alpaca_file, tmp_path / "x", lora_r=16, resume_from_checkpoint=str(trained / "checkpoint-12"))
+
+
+def test_cli_help_lists_every_flag():
+    proc = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PAGER="cat"))
+    out = proc.stdout + proc.stderr  # fire prints help on stderr
+    original = ("base_model data_path output_dir batch_size micro_batch_size num_epochs learning_rate cutoff_len val_set_size "
+                "lora_r lora_alpha lora_dropout lora_target_modules train_on_inputs add_eos_token group_by_length "
+                "wandb_project wandb_run_name wandb_watch wandb_log_model resume_from_checkpoint prompt_template_name").split()
+    for flag in original:
+        assert f"--{flag}" in out, flag
+    assert out.count("Default:") >= len(original)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "finetune.py", "--data_path", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: data file {tmp_path / 'none.json'} not found"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_embedded_model_real_run(embedded_model, tmp_path):
+    """A real (short) run on SmolLM2-135M with the shipped data: the adapter trains and reloads."""
+    out = tmp_path / "lora-smollm2"
+    finetune.train(output_dir=str(out), batch_size=4, micro_batch_size=2, max_steps=3, val_set_size=4,
+                   save_steps=3, logging_steps=1, cutoff_len=96, learning_rate=1e-3)
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert len([k for k in tensors if "lora_B" in k]) == 30 * 2  # q_proj and v_proj in all 30 layers
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
+    assert json.loads((out / "metrics.json").read_text())["eval_loss"] < 5
