@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from utils.cli import UserError, log, run
+from utils.metrics import write_reports
 from utils.data import DEFAULT_DATA, load_records, resolve_val_set_size, split_records, tokenize_records
 from utils.prompts import Prompter
 
@@ -34,6 +35,7 @@ def train(
     train_on_inputs: bool = True,
     add_eos_token: bool = True,
     group_by_length: bool = False,
+    packing: bool = True,
     # wandb params
     wandb_project: str = "",
     wandb_run_name: str = "",
@@ -49,6 +51,8 @@ def train(
     save_steps: int = 200,
     logging_steps: int = 10,
     gradient_checkpointing: bool = False,
+    torch_compile: bool = False,
+    device_map: str = "",
     tensorboard: bool = False,
     overwrite_output_dir: bool = False,
     seed: int = 42,
@@ -72,6 +76,7 @@ def train(
         train_on_inputs: If False, the loss skips the prompt (instruction and input) tokens.
         add_eos_token: Append EOS so the model learns to stop (the original left it off; on by default here).
         group_by_length: Batch records of similar length together: less padding, faster, a noisier loss curve.
+        packing: Concatenate each micro-batch into one padding-free row (positions restart per record, no attention across records); same loss, no compute spent on padding. False gives the original's padded batches.
         wandb_project: Weights & Biases project; logging to wandb is on only when this (or WANDB_PROJECT) is set.
         wandb_run_name: Weights & Biases run name.
         wandb_watch: false | gradients | all.
@@ -85,6 +90,8 @@ def train(
         save_steps: Optimizer steps between checkpoints and validation passes.
         logging_steps: Optimizer steps between loss reports.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, about 30% slower.
+        torch_compile: Compile the model with torch.compile (pays off on GPUs for long runs; slow to start on CPU).
+        device_map: "auto" spreads a model too large for one GPU over all visible GPUs in one process (model parallel); empty: one device per process.
         tensorboard: Also log to TensorBoard (in output_dir/runs).
         overwrite_output_dir: Allow writing into an output_dir that holds an earlier run.
         seed: Seed for the data split, shuffling and LoRA initialisation.
@@ -118,7 +125,9 @@ def train(
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
         f"({'full precision' if quantization == 'none' else quantization}, {models.pick_dtype(device)})")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device_map = {"": local_rank} if world_size > 1 and device == "cuda" else None
+    device_map = device_map or ({"": local_rank} if world_size > 1 and device == "cuda" else None)
+    if device_map == "auto" and world_size > 1:
+        raise UserError("--device_map auto (one process over all GPUs) cannot be combined with torchrun/accelerate ranks")
     model = models.load_model(base_path, quantization, device, device_map=device_map)
     model = wrap_lora(model, quantization, warm_start, gradient_checkpointing,
                       r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
@@ -127,16 +136,18 @@ def train(
         model, tokenizer, train_data, val_data, out, device,
         micro_batch_size=micro_batch_size, grad_accum=grad_accum, num_epochs=num_epochs, max_steps=max_steps,
         learning_rate=learning_rate, warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=logging_steps,
-        group_by_length=group_by_length, gradient_checkpointing=gradient_checkpointing, report_to=report_to,
+        group_by_length=group_by_length, packing=packing, gradient_checkpointing=gradient_checkpointing,
+        torch_compile=torch_compile, report_to=report_to,
         run_name=wandb_run_name or None, seed=seed, world_size=world_size,
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
 
     metrics = dict(result.metrics)
-    if val_data is not None:
-        metrics.update(trainer.evaluate())
+    if val_data is not None:  # the adapter that is saved: the best one, reloaded at the end
+        metrics.update(trainer.evaluate(metric_key_prefix="final_eval"))
     if trainer.is_world_process_zero():
-        save_run(trainer, tokenizer, out, metrics, arguments)
+        save_run(trainer, tokenizer, out, arguments)
+        write_reports(trainer.state.log_history, metrics, out, f"LoRA r={lora_r} on {Path(base_path).name}")
     log(f"Saved the LoRA adapter to {out}")
 
 
@@ -187,12 +198,13 @@ def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_chec
 
 def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, micro_batch_size, grad_accum,
                   num_epochs, max_steps, learning_rate, warmup_steps, save_steps, logging_steps, group_by_length,
-                  gradient_checkpointing, report_to, run_name, seed, world_size):
+                  packing, gradient_checkpointing, torch_compile, report_to, run_name, seed, world_size):
     """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    from utils.training import LossGuard
+    from utils.metrics import ProgressReport
+    from utils.training import LossGuard, data_collator
 
     steps_per_epoch = max(1, len(train_data) // (micro_batch_size * grad_accum * world_size))
     total_steps = max_steps if max_steps > 0 else int(steps_per_epoch * num_epochs)
@@ -221,31 +233,35 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         ddp_find_unused_parameters=False if world_size > 1 else None,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         activation_checkpointing=gradient_checkpointing,
+        torch_compile=torch_compile,
+        include_num_input_tokens_seen="non_padding",
         report_to=report_to,
         run_name=run_name,
         seed=seed,
         data_seed=seed,
         use_cpu=device == "cpu",
     )
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        data_collator=data_collator(tokenizer, packing, model.config),
         callbacks=[LossGuard()],
     )
+    # First in line, so the tokens/s it adds to a log line is printed with it.
+    trainer.callback_handler.callbacks.insert(0, ProgressReport(out))
+    return trainer
 
 
-def save_run(trainer, tokenizer, out: Path, metrics: dict, arguments: dict) -> None:
-    """The final adapter (PEFT's own save_pretrained, safetensors), tokenizer, arguments and metrics."""
+def save_run(trainer, tokenizer, out: Path, arguments: dict) -> None:
+    """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used."""
     from utils.training import save_atomically
 
     def save(tmp: Path):
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     save_atomically(save, out)
 

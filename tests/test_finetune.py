@@ -70,12 +70,16 @@ def test_adapter_reloads_and_changes_logits(trained, tiny_model):
 
 
 def test_run_directory_contents(trained):
-    for name in ("tokenizer.json", "tokenizer_config.json", "training_args.json", "metrics.json", "adapter_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "training_args.json", "metrics.json", "adapter_config.json", "loss_curve.png"):
         assert (trained / name).is_file(), name
     args = json.loads((trained / "training_args.json").read_text())
     assert args["learning_rate"] == 1e-2 and args["lora_r"] == 8
     metrics = json.loads((trained / "metrics.json").read_text())
-    assert "train_loss" in metrics and "eval_loss" in metrics
+    assert metrics["final_eval_loss"] == pytest.approx(metrics["eval_loss_best"], rel=1e-4)  # the best adapter is kept
+    assert metrics["eval_loss_best"] < metrics["eval_loss_first"] and metrics["train_loss"] > 0
+    assert len([h for h in metrics["log_history"] if "loss" in h]) == 12
+    assert all(h["tokens_per_second"] > 0 for h in metrics["log_history"][1:] if "loss" in h)
+    assert (trained / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(trained.glob(".saving-*"))  # nothing half-written left behind
 
 
@@ -215,4 +219,5 @@ def test_embedded_model_real_run(embedded_model, tmp_path):
     tensors = load_file(out / "adapter_model.safetensors")
     assert len([k for k in tensors if "lora_B" in k]) == 30 * 2  # q_proj and v_proj in all 30 layers
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
-    assert json.loads((out / "metrics.json").read_text())["eval_loss"] < 5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_eval_loss"] < metrics["eval_loss_first"] < 5

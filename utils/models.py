@@ -141,6 +141,9 @@ def load_tokenizer(path: str):
         # LLaMA-1/2 pad with <unk> as the original did (id read, not assumed to be 0); bases without
         # <unk> pad with EOS, which is safe because padded labels are -100 and real EOS labels are kept.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    # Right padding for training: positions count from 0 at the first real token. (The original padded on
+    # the left, which shifts every position of the shorter records; generation pads left on its own.)
+    tokenizer.padding_side = "right"
     if tokenizer.eos_token is None:
         raise UserError(f"the tokenizer of {path} has no EOS token, so the model could never learn to stop")
     return tokenizer

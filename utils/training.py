@@ -119,3 +119,15 @@ def save_atomically(save, output_dir: Path) -> None:
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def data_collator(tokenizer, packing: bool, model_config):
+    """Padding-free rows (packing) or the original's per-batch padding to a multiple of 8."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if not packing:
+        return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    # Restarting position ids is what keeps records apart: SDPA/eager build a block-diagonal mask from
+    # them (only without a KV cache, which training disables); flash-attention takes cu_seqlens instead.
+    flash = str(getattr(model_config, "_attn_implementation", "")).startswith("flash")
+    return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=flash)

@@ -1,0 +1,54 @@
+"""Padding-free packing learns exactly what padded batches learn: same loss, same gradients."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tiny import ALPACA
+from utils.data import tokenize_records
+from utils.models import load_tokenizer
+from utils.prompts import Prompter
+from utils.training import data_collator
+
+
+def loss_and_grad(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_gqa_model"])
+@pytest.mark.parametrize("train_on_inputs", [True, False])
+def test_packed_loss_equals_padded_loss(fixture, train_on_inputs, request):
+    path = str(request.getfixturevalue(fixture))
+    tokenizer = load_tokenizer(path)
+    records = json.loads(ALPACA.read_text())[:6]
+    rows = tokenize_records(records, tokenizer, Prompter("alpaca"), 200, train_on_inputs, True).to_list()
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # records of different lengths, so padding happens
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    model.config.use_cache = False  # as in training: with a KV cache, packed records would see each other
+
+    padded = data_collator(tokenizer, packing=False, model_config=model.config)(rows)
+    packed = data_collator(tokenizer, packing=True, model_config=model.config)(rows)
+    assert packed["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    assert padded["input_ids"].numel() > packed["input_ids"].numel()
+
+    loss_padded, grad_padded = loss_and_grad(model, padded)
+    loss_packed, grad_packed = loss_and_grad(model, packed)
+    assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
+    torch.testing.assert_close(grad_packed, grad_padded, atol=1e-6, rtol=1e-4)
+
+
+def test_packed_rows_need_no_kv_cache(tiny_model):
+    """The trap measured on transformers 5.24: with a KV cache, packed records attend across boundaries."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    rows = tokenize_records(json.loads(ALPACA.read_text())[:3], tokenizer, Prompter("alpaca"), 200, True, True).to_list()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    packed = data_collator(tokenizer, packing=True, model_config=model.config)(rows)
+    second = len(rows[0]["input_ids"])
+    alone = model(torch.tensor([rows[1]["input_ids"]]), use_cache=False).logits[0]
+    isolated = model(**packed, use_cache=False).logits[0, second : second + len(rows[1]["input_ids"])]
+    torch.testing.assert_close(isolated, alone, atol=1e-4, rtol=1e-4)

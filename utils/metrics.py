@@ -1,0 +1,94 @@
+"""What training did, in files: metrics.json and loss_curve.png in the output dir, tokens/s in the log."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from utils.cli import is_main_process
+
+
+def loss_series(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) pairs for training and validation from the Trainer's log history."""
+    return {
+        "train": [(h["step"], h["loss"]) for h in log_history if "loss" in h],
+        "validation": [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h],
+    }
+
+
+def summarize(log_history: list[dict], final: dict) -> dict:
+    """metrics.json: the final figures, validation loss before/after with perplexity, and the full history."""
+    series = loss_series(log_history)
+    summary = dict(final)
+    if series["validation"]:
+        first, last = series["validation"][0][1], series["validation"][-1][1]
+        best = min(loss for _, loss in series["validation"])
+        summary.update(
+            eval_loss_first=first, eval_loss_last=last, eval_loss_best=best,
+            perplexity_first=math.exp(first), perplexity_best=math.exp(best),
+        )
+    summary["log_history"] = log_history
+    return summary
+
+
+def plot_loss_curve(log_history: list[dict], path: Path, title: str = "") -> None:
+    """Training and validation loss against optimizer steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    series = loss_series(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, style in (("train", "-"), ("validation", "o-")):
+        if series[name]:
+            steps, losses = zip(*series[name])
+            ax.plot(steps, losses, style, label=f"{name} loss", markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(log_history: list[dict], final: dict, output_dir: Path, title: str = "") -> None:
+    """metrics.json and loss_curve.png, each replaced atomically."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(summarize(log_history, final), indent=2))
+    tmp.replace(output_dir / "metrics.json")
+    plot_loss_curve(log_history, output_dir / ".loss_curve.tmp.png", title)
+    (output_dir / ".loss_curve.tmp.png").replace(output_dir / "loss_curve.png")
+
+
+class ProgressReport(TrainerCallback):
+    """Adds real (non-padding) tokens/s to each log line and refreshes the reports at every checkpoint,
+    so an interrupted run still leaves its curve; a resumed run continues it (the history is restored)."""
+
+    def __init__(self, output_dir: Path, title: str = ""):
+        self.output_dir, self.title = Path(output_dir), title
+        self.last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        if logs is not None and "loss" in logs and self.last is not None and now > self.last[0]:
+            speed = round((tokens - self.last[1]) / (now - self.last[0]), 1)
+            logs["tokens_per_second"] = speed  # printed with the log line
+            state.log_history[-1]["tokens_per_second"] = speed  # the Trainer stored a copy of logs before this call
+        if logs is not None and "loss" in logs:
+            self.last = (now, tokens)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.last = (time.perf_counter(), state.num_input_tokens_seen)  # validation time is not training speed
+
+    def on_save(self, args, state, control, **kwargs):
+        if is_main_process():
+            write_reports(state.log_history, {"global_step": state.global_step}, self.output_dir, self.title)
