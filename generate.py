@@ -1,0 +1,308 @@
+"""Serve base model + LoRA adapter in a streaming Gradio demo, or answer instructions from the command line.
+
+    python generate.py                                  # the embedded model at http://127.0.0.1:7860
+    python generate.py --lora_weights ./lora-alpaca     # after finetune.py
+    python generate.py --instruction "Tell me about alpacas."             # prints the answer, no server
+    python generate.py --input_file questions.jsonl --output_file answers.jsonl
+"""
+
+import json
+import os
+import sys
+import threading
+import traceback
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+from utils.cli import UserError, run
+
+AUTH_ENV = "ALPACA_LORA_AUTH"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+QUEUE_SIZE = 100  # waiting requests beyond this are turned away with "queue is full" instead of piling up
+EXAMPLES = [  # the original's test prompts, one click away
+    ["Tell me about alpacas.", ""],
+    ["Write a Python program that prints the first 10 Fibonacci numbers.", ""],
+    ["Write a program that prints the numbers from 1 to 100. But for multiples of three print 'Fizz' instead of the "
+     "number and for the multiples of five print 'Buzz'. For numbers which are multiples of both three and five "
+     "print 'FizzBuzz'.", ""],
+    ["Translate the sentence into Spanish.", "I have no mouth but I must scream."],
+    ["Tell me about the president of Mexico in 2019.", ""],
+    ["Tell me about the king of France in 2019.", ""],
+]
+
+
+def main(
+    base_model: str = "",
+    lora_weights: str = "",
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    prompt_template: str = "alpaca",
+    server_name: str = "127.0.0.1",
+    server_port: int = 7860,
+    share_gradio: bool = False,
+    auth: str = "",
+    device: str = "auto",
+    instruction: str = "",
+    input: str = "",
+    input_file: str = "",
+    output_file: str = "",
+    temperature: float = 0.1,
+    top_p: float = 0.75,
+    top_k: int = 40,
+    num_beams: int = 4,
+    max_new_tokens: int = 128,
+    stream: bool = True,
+    batch_size: int = 8,
+    concurrency_limit: int = 4,
+):
+    """Serve base model + LoRA adapter in a Gradio demo, or answer --instruction / --input_file without a server.
+
+    Args:
+        base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.
+        lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: the base model alone.
+        load_8bit: Load the base model in 8-bit (bitsandbytes; CUDA, or CPU slowly), as in the original.
+        load_4bit: Load the base model in 4-bit NF4 (bitsandbytes): the least memory.
+        prompt_template: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path; use the adapter's.
+        server_name: Interface the demo listens on; 127.0.0.1 keeps it on this machine, 0.0.0.0 exposes it (add --auth).
+        server_port: Port of the demo.
+        share_gradio: Also open a public *.gradio.live link (goes through Gradio's servers; add --auth).
+        auth: user:password required to open the demo; empty: the ALPACA_LORA_AUTH environment variable, else none.
+        device: auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu.
+        instruction: Answer this one instruction on stdout and exit (no server).
+        input: Optional context for --instruction (the template's Input section).
+        input_file: .json (a list) or .jsonl file of records with "instruction" (and optional "input"): answer them all and exit.
+        output_file: Write the answers as JSON Lines (each record + "response") here instead of stdout.
+        temperature: Sampling temperature; 0 means greedy or plain beam search (no sampling).
+        top_p: Nucleus sampling: keep the smallest set of tokens whose probabilities add up to this.
+        top_k: Sample among the k most likely tokens (0: no limit).
+        num_beams: Beam search width for non-streamed answers; streaming always uses one beam.
+        max_new_tokens: Longest answer, in tokens.
+        stream: In the demo, stream answers token by token by default (the user can switch it off).
+        batch_size: Instructions generated together in --input_file mode (left-padded batches).
+        concurrency_limit: Answers the demo generates at the same time; further requests wait in the queue.
+    """
+    from utils.generation import Settings
+
+    settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
+    quantization = pick_quantization_flag(load_8bit, load_4bit)
+    batch_mode = bool(instruction or input_file)
+    records = read_requests(instruction, input, input_file) if batch_mode else []
+    credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
+    if batch_size < 1 or concurrency_limit < 1:
+        raise UserError("--batch_size and --concurrency_limit must be at least 1")
+
+    from utils.generation import load_generator
+
+    generator = load_generator(base_model, lora_weights, quantization, device, prompt_template)
+    if batch_mode:
+        answer_records(generator, records, settings, batch_size, output_file, plain=bool(instruction) and not output_file)
+        return
+    warn_if_exposed(server_name, share_gradio, credentials)
+    title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
+    app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit)
+    launch(app, server_name=server_name, server_port=server_port, share=share_gradio, auth=credentials)
+
+
+def pick_quantization_flag(load_8bit: bool, load_4bit: bool) -> str:
+    if load_8bit and load_4bit:
+        raise UserError("--load_8bit and --load_4bit exclude each other: pick one")
+    return "8bit" if load_8bit else "4bit" if load_4bit else "none"
+
+
+def parse_auth(value: str) -> Optional[tuple[str, str]]:
+    """("user", "password") from "user:password" (the password may contain colons); None when empty."""
+    if not value:
+        return None
+    user, sep, password = str(value).partition(":")
+    if not (sep and user and password):
+        raise UserError(f"--auth / ${AUTH_ENV} must look like user:password")
+    return user, password
+
+
+def warn_if_exposed(server_name: str, share: bool, credentials) -> None:
+    """Exposing the demo is allowed, but never silently without a password."""
+    if credentials is None and (share or server_name not in LOOPBACK):
+        where = "through a public gradio.live link" if share else f"on {server_name}"
+        print(f"warning: the demo is reachable {where} with no password; add --auth user:password "
+              f"(or set ${AUTH_ENV})", file=sys.stderr, flush=True)
+
+
+# --- the non-UI mode ---------------------------------------------------------------------------------------------
+
+def read_requests(instruction: str, input: str, input_file: str) -> list[dict]:
+    """The records to answer: one from --instruction/--input, or all of --input_file."""
+    if instruction and input_file:
+        raise UserError("give --instruction or --input_file, not both")
+    if instruction:
+        return [{"instruction": str(instruction), "input": str(input or "")}]
+    from utils.data import read_json_records
+
+    path = Path(input_file).expanduser()
+    if path.suffix not in (".json", ".jsonl"):
+        raise UserError(f"--input_file {input_file} should be a .json or .jsonl file")
+    if not path.is_file():
+        raise UserError(f"--input_file {input_file} not found")
+    records = read_json_records(path)
+    if isinstance(records, dict):
+        records = [records]
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise UserError(f"{input_file}: record {number} has no \"instruction\" string")
+    return records
+
+
+def answer_records(generator, records: list[dict], settings, batch_size: int, output_file: str, plain: bool) -> None:
+    """Answer records in left-padded batches; write each record + "response" (or "error") as one JSON line.
+
+    With `plain` (a single --instruction and no --output_file) print only the answer text."""
+    from utils.generation import PromptTooLong
+
+    out = open(output_file, "w", encoding="utf-8") if output_file else sys.stdout
+    try:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            prompts = [generator.render(r["instruction"], r.get("input", "")) for r in batch]
+            results: list[dict] = [{} for _ in batch]
+            fitting = []
+            for i, prompt in enumerate(prompts):
+                try:
+                    generator.check_length(generator.prompt_tokens(prompt), settings.max_new_tokens)
+                    fitting.append(i)
+                except PromptTooLong as err:
+                    if plain:
+                        raise
+                    results[i] = {"error": str(err)}
+            completions = generator.complete([prompts[i] for i in fitting], settings) if fitting else []
+            for i, completion in zip(fitting, completions):
+                results[i] = {"response": completion.text}
+            for record, result in zip(batch, results):
+                print(result["response"] if plain else json.dumps({**record, **result}, ensure_ascii=False), file=out, flush=True)
+            if len(records) > 1:
+                print(f"answered {min(start + batch_size, len(records))}/{len(records)}", file=sys.stderr, flush=True)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+# --- the demo ----------------------------------------------------------------------------------------------------
+
+class SessionStops:
+    """The stop events of the generations running for each browser session: Stop ends only its own user's."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events: dict[Optional[str], set[threading.Event]] = defaultdict(set)
+
+    @contextmanager
+    def register(self, session: Optional[str]) -> Iterator[threading.Event]:
+        event = threading.Event()
+        with self.lock:
+            self.events[session].add(event)
+        try:
+            yield event
+        finally:
+            with self.lock:
+                self.events[session].discard(event)
+                if not self.events[session]:
+                    del self.events[session]
+
+    def stop(self, session: Optional[str]) -> None:
+        with self.lock:
+            for event in self.events.get(session, ()):
+                event.set()
+
+
+def make_answer_fn(generator, stops: SessionStops):
+    """The demo's event handler: yields the growing answer (response part only), or raises a visible gr.Error."""
+    import gradio as gr
+
+    from utils.generation import Settings
+
+    def answer(instruction: str, input: str, temperature: float, top_p: float, top_k: int, num_beams: int,
+               max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
+        if not (instruction or "").strip():
+            raise gr.Error("Type an instruction first.", print_exception=False)
+        settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
+        session = getattr(request, "session_hash", None)
+        try:
+            prompt = generator.render(instruction, input)
+            with stops.register(session) as stop:
+                if stream:
+                    text = ""
+                    with generator.stream(prompt, settings, stop) as pieces:
+                        for piece in pieces:
+                            text += piece
+                            yield text.lstrip()
+                else:
+                    yield generator.complete([prompt], settings, stop)[0].text
+        except UserError as err:  # too long for the context, bad settings: this user's message only
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:  # e.g. out of GPU memory: tell this user, keep serving the others
+            traceback.print_exc()
+            raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
+
+    return answer
+
+
+def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = 4):
+    """The gr.Blocks demo: instruction + input, the original's controls, a streamed output, Stop, examples.
+
+    API endpoints (gradio_client): /generate (instruction, input, temperature, top_p, top_k, num_beams,
+    max_new_tokens, stream) streams the answer; /stop stops the calling session's answers."""
+    import gradio as gr
+
+    stops = SessionStops()
+    with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
+        gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions, answers stream as they are written.")
+        with gr.Row():
+            with gr.Column():
+                instruction = gr.Textbox(lines=2, label="Instruction", placeholder="Tell me about alpacas.", elem_id="instruction")
+                input = gr.Textbox(lines=2, label="Input", placeholder="none", elem_id="input")
+                with gr.Row():
+                    submit = gr.Button("Submit", variant="primary", elem_id="submit")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                controls = settings_controls(gr, defaults, stream, generator.context_length)
+            with gr.Column():
+                output = gr.Textbox(lines=14, label="Output", elem_id="output", buttons=["copy"], autoscroll=True)
+        gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
+
+        event = gr.on(
+            [submit.click, instruction.submit], make_answer_fn(generator, stops),
+            inputs=[instruction, input, *controls], outputs=output, api_name="generate",
+        )
+
+        def stop_session(request: gr.Request) -> None:
+            stops.stop(getattr(request, "session_hash", None))
+
+        # Stop sets this session's events (generation ends after the current token) and drops its queued requests.
+        stop.click(stop_session, None, None, cancels=[event], queue=False, api_name="stop")
+    return app.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_SIZE)
+
+
+def settings_controls(gr, defaults, stream: bool, context_length: Optional[int]) -> list:
+    """Sliders with the original's defaults and ranges, and the stream switch."""
+    longest = min(2000, context_length or 2000)
+    return [
+        gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature", info="0: no sampling (greedy or beam search)"),
+        gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p"),
+        gr.Slider(0, 100, value=defaults.top_k, step=1, label="Top k", info="0: no limit"),
+        gr.Slider(1, 4, value=min(defaults.num_beams, 4), step=1, label="Beams",
+                  info="Beam search needs Stream off: streaming always uses 1 beam"),
+        gr.Slider(1, longest, value=min(defaults.max_new_tokens, longest), step=1, label="Max new tokens"),
+        gr.Checkbox(value=stream, label="Stream output", info="Show the answer token by token (with 1 beam)"),
+    ]
+
+
+def launch(app, server_name: str, server_port: int, share: bool, auth, block: bool = True):
+    """Start the server; a busy port is a one-line error, not a traceback."""
+    try:
+        return app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth,
+                          prevent_thread_lock=not block, footer_links=["api", "gradio"])
+    except OSError as err:
+        raise UserError(f"cannot serve on {server_name}:{server_port} ({err}); pass another --server_port") from None
+
+
+if __name__ == "__main__":
+    run(main)

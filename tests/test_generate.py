@@ -1,0 +1,259 @@
+"""utils/generation.py and generate.py's non-UI mode and error cases, on the tiny random LLaMA (and once the embedded model)."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from gen_helpers import REPO, make_adapter, never_eos, scripted, slowed
+
+import generate
+from utils.cli import UserError
+from utils.generation import Generator, PromptTooLong, Settings, load_generator
+from utils.prompts import Prompter
+
+GREEDY = Settings(temperature=0, num_beams=1, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory):
+    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model, adapter) -> Generator:
+    return load_generator(str(tiny_model), str(adapter), device="cpu")
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """Fail the test if generate.main ever gets as far as starting the server."""
+    monkeypatch.setattr(generate, "launch", lambda *a, **k: pytest.fail("the server started"))
+
+
+# --- the generation functions ---------------------------------------------------------------------------------
+
+ANSWER = "Alpacas are gentle animals that live in the Andes."
+
+
+def says(gen, text: str) -> list[int]:
+    """The token ids of `text` followed by EOS: a script for gen_helpers.scripted."""
+    return gen.tokenizer(text, add_special_tokens=False)["input_ids"] + [gen.tokenizer.eos_token_id]
+
+
+def test_stream_yields_the_answer_piece_by_piece_and_stops_at_eos(gen):
+    prompt = gen.render("Tell me about alpacas.")
+    with scripted(gen.model, says(gen, ANSWER)), gen.stream(prompt, Settings(temperature=0, max_new_tokens=50)) as stream:
+        pieces = list(stream)
+    assert len([p for p in pieces if p]) >= 5, pieces  # word by word, not one block at the end
+    assert "".join(pieces).strip() == ANSWER  # the response alone: no prompt, no EOS
+    assert (stream.completion.completion_tokens, stream.completion.finish_reason) == (len(says(gen, ANSWER)), "stop")
+
+
+def test_complete_stops_at_eos_and_returns_the_response_only(gen):
+    prompt = gen.render("Tell me about alpacas.")
+    with scripted(gen.model, says(gen, ANSWER)):
+        completion = gen.complete([prompt], Settings(temperature=0, num_beams=1, max_new_tokens=50))[0]
+    assert completion.text == ANSWER and "</s>" not in completion.text
+    assert (completion.completion_tokens, completion.finish_reason) == (len(says(gen, ANSWER)), "stop")
+    assert completion.prompt_tokens == len(gen.tokenizer(prompt)["input_ids"])
+
+
+def test_stream_matches_the_batch_answer(gen):
+    prompt = gen.render("Tell me about alpacas.")
+    settings = Settings(temperature=0, num_beams=1, max_new_tokens=24)
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        with gen.stream(prompt, settings) as stream:
+            text = "".join(stream)
+        expected = gen.complete([prompt], settings)[0]
+    assert text.strip() == expected.text
+    assert (stream.completion.completion_tokens, stream.completion.finish_reason) == (24, "length")
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 7])
+def test_honours_max_new_tokens(gen, max_new_tokens):
+    prompt = gen.render("Tell me about alpacas.")
+    settings = Settings(temperature=0.7, num_beams=1, max_new_tokens=max_new_tokens)
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        completion = gen.complete([prompt], settings)[0]
+        with gen.stream(prompt, settings) as stream:
+            list(stream)
+    assert (completion.completion_tokens, completion.finish_reason) == (max_new_tokens, "length")
+    assert stream.completion.completion_tokens == max_new_tokens
+
+
+def test_stream_with_beams_uses_one_beam(gen):
+    """TextIteratorStreamer cannot follow several beams; streaming says so and uses one instead of failing."""
+    prompt = gen.render("Tell me about alpacas.")
+    with gen.stream(prompt, Settings(temperature=0, num_beams=4, max_new_tokens=8)) as stream:
+        text = "".join(stream)
+    assert text.strip() == gen.complete([prompt], Settings(temperature=0, num_beams=1, max_new_tokens=8))[0].text
+
+
+def test_stop_event_ends_only_its_own_generation(gen):
+    prompt = gen.render("Tell me about alpacas.")
+    settings = Settings(temperature=0, max_new_tokens=60)
+    stop = threading.Event()
+    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.01):
+        other = gen.stream(prompt, settings)  # another user's answer, running at the same time
+        with gen.stream(prompt, settings, stop) as stream:
+            for i, _ in enumerate(stream):
+                if i == 2:
+                    stop.set()
+        with other:
+            list(other)
+    assert stream.completion.finish_reason == "cancelled" and stream.completion.completion_tokens < 60
+    assert (other.completion.finish_reason, other.completion.completion_tokens) == ("length", 60)
+
+
+def test_batches_are_left_padded_and_match_single_answers(gen):
+    prompts = [gen.render("Hi."), gen.render("Write a long story about alpacas in the mountains of Peru.", "In French.")]
+    batch = gen.complete(prompts, GREEDY)
+    assert gen.tokenizer.padding_side == "left"
+    assert [c.text for c in batch] == [gen.complete([p], GREEDY)[0].text for p in prompts]
+    assert batch[0].prompt_tokens < batch[1].prompt_tokens
+
+
+def test_over_long_prompt_is_refused_with_a_clear_message(gen):
+    prompt = gen.render("alpaca " * 600)
+    with pytest.raises(PromptTooLong, match=r"512-token context: shorten the instruction or input"):
+        gen.stream(prompt, GREEDY)
+    with pytest.raises(UserError):
+        gen.complete([prompt], GREEDY)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(num_beams=0), dict(max_new_tokens=0)])
+def test_bad_settings_are_user_errors(bad):
+    with pytest.raises(UserError):
+        Settings(**bad).checked()
+
+
+def test_error_in_generation_reaches_the_consumer(gen, monkeypatch):
+    """An exception in the generation thread must surface, not leave the consumer waiting forever."""
+    monkeypatch.setattr(gen.model, "generate", lambda **kw: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"), gen.stream(gen.render("Hi."), GREEDY) as stream:
+        list(stream)
+
+
+def test_embedded_model_answers_with_the_response_only(embedded_model):
+    gen = load_generator(embedded_model, device="cpu")
+    prompt = gen.render("What is the capital of France? Answer in one word.")
+    with gen.stream(prompt, Settings(temperature=0, max_new_tokens=6)) as stream:
+        text = "".join(stream).strip()
+    assert "Paris" in text
+    assert "### Response" not in text and "Below is an instruction" not in text
+    assert gen.prompter.get_response(prompt + text) == text  # the template's split agrees with new-token decoding
+
+
+# --- the non-UI mode ------------------------------------------------------------------------------------------
+
+def test_instruction_prints_only_the_answer(tiny_model, adapter, gen, capsys, no_server):
+    generate.main(base_model=str(tiny_model), lora_weights=str(adapter), instruction="Tell me about alpacas.",
+                  temperature=0, num_beams=1, max_new_tokens=8)
+    expected = gen.complete([gen.render("Tell me about alpacas.")], Settings(temperature=0, num_beams=1, max_new_tokens=8))[0]
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_input_file_answers_every_record(tiny_model, tmp_path, suffix, capsys, no_server):
+    records = [{"instruction": "Tell me about alpacas.", "id": 1},
+               {"instruction": "Translate into Spanish.", "input": "I like llamas.", "id": 2},
+               {"instruction": "alpaca " * 600, "id": 3},  # too long: reported, the others still answered
+               {"instruction": "Name a colour.", "id": 4}]
+    path = tmp_path / f"questions{suffix}"
+    path.write_text(json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "answers.jsonl"
+    generate.main(base_model=str(tiny_model), input_file=str(path), output_file=str(out), temperature=0, max_new_tokens=6, batch_size=2)
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["id"] for a in answers] == [1, 2, 3, 4]
+    assert all(isinstance(a["response"], str) for a in answers if a["id"] != 3)
+    assert "context" in answers[2]["error"] and "response" not in answers[2]
+    assert answers[1]["input"] == "I like llamas."
+    assert capsys.readouterr().out == ""  # answers went to the file, progress to stderr
+
+
+def test_quick_start_command_prints_the_answer(tiny_model, adapter):
+    """The README's form: `python generate.py --lora_weights DIR --instruction "..."` prints the answer on stdout."""
+    result = subprocess.run(
+        [sys.executable, "generate.py", "--base_model", str(tiny_model), "--lora_weights", str(adapter),
+         "--instruction", "Tell me about alpacas.", "--max_new_tokens", "5", "--num_beams", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "Loading" not in result.stdout
+    assert "Loading" in result.stderr
+
+
+# --- errors: one line each, before any server starts ------------------------------------------------------------
+
+def adapter_copy(adapter, tmp_path):
+    import shutil
+
+    return shutil.copytree(adapter, tmp_path / "adapter")
+
+
+def break_config(path):
+    (path / "adapter_config.json").write_text("{not json")
+
+
+def drop_config(path):
+    (path / "adapter_config.json").unlink()
+
+
+def empty_weights(path):
+    (path / "adapter_model.safetensors").write_bytes(b"")
+
+
+def weights_without_lora(path):
+    from safetensors.torch import save_file
+
+    save_file({}, path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (break_config, "adapter_config.json is not valid JSON"),
+    (drop_config, "no adapter_config.json: not a PEFT adapter"),
+    (empty_weights, "unreadable"),
+    (weights_without_lora, "holds no LoRA weights"),
+])
+def test_broken_adapter_is_one_line(tiny_model, adapter, tmp_path, damage, message, no_server):
+    path = adapter_copy(adapter, tmp_path)
+    damage(path)
+    with pytest.raises(UserError, match=message):
+        generate.main(base_model=str(tiny_model), lora_weights=str(path))
+
+
+def test_adapter_for_another_base_model_is_one_line(tiny_model, tiny_gqa_model, tmp_path, no_server):
+    other = make_adapter(tiny_gqa_model, tmp_path / "gqa-adapter")  # v_proj has half the rows there
+    with pytest.raises(UserError, match="trained for another base model"):
+        generate.main(base_model=str(tiny_model), lora_weights=str(other))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lora_weights="./no-such-adapter"), "adapter directory ./no-such-adapter not found"),
+    (dict(load_8bit=True, load_4bit=True), "exclude each other"),
+    (dict(auth="nopassword"), "user:password"),
+    (dict(instruction="Hi", input_file="q.json"), "not both"),
+    (dict(input_file="missing.jsonl"), "not found"),
+    (dict(num_beams=0), "num_beams"),
+    (dict(prompt_template="nope"), "unknown prompt template"),
+])
+def test_bad_flags_are_one_line(tiny_model, kwargs, message, no_server):
+    with pytest.raises(UserError, match=message):
+        generate.main(base_model=str(tiny_model), **kwargs)
+
+
+def test_auth_comes_from_the_environment_when_the_flag_is_empty(tiny_model, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(generate, "launch", lambda app, **kwargs: seen.update(kwargs))
+    monkeypatch.setenv(generate.AUTH_ENV, "alice:se:cret")
+    generate.main(base_model=str(tiny_model))
+    assert seen == dict(server_name="127.0.0.1", server_port=7860, share=False, auth=("alice", "se:cret"))
+
+
+def test_missing_adapter_exits_2_with_one_line():
+    result = subprocess.run([sys.executable, "generate.py", "--lora_weights", "./no-such-adapter"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: adapter directory ./no-such-adapter not found"]

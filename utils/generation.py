@@ -1,0 +1,233 @@
+"""Text generation shared by generate.py's demo and batch mode (and any later front end: chat, an HTTP API).
+
+Everything here works on an already-rendered prompt string, so a front end only has to render its own prompt
+(an Alpaca template, a chat template) and call `Generator.stream` or `Generator.complete`.
+"""
+
+import dataclasses
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from utils.cli import UserError
+from utils.prompts import Prompter
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Decoding settings; the defaults are the original demo's."""
+
+    temperature: float = 0.1
+    top_p: float = 0.75
+    top_k: int = 40
+    num_beams: int = 4
+    max_new_tokens: int = 128
+
+    def checked(self) -> "Settings":
+        """These settings with integer fields made integers (sliders and fire send floats); bad values raise."""
+        s = dataclasses.replace(self, top_k=int(self.top_k), num_beams=int(self.num_beams), max_new_tokens=int(self.max_new_tokens))
+        problems = [
+            (s.temperature < 0, f"temperature must be >= 0 (0 = no sampling), not {s.temperature}"),
+            (not 0 < s.top_p <= 1, f"top_p must be in (0, 1], not {s.top_p}"),
+            (s.top_k < 0, f"top_k must be >= 0 (0 = no top-k filter), not {s.top_k}"),
+            (s.num_beams < 1, f"num_beams must be >= 1, not {s.num_beams}"),
+            (s.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {s.max_new_tokens}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise UserError(message)
+        return s
+
+    def generate_kwargs(self) -> dict:
+        """model.generate() arguments. Temperature 0 means greedy (or plain beam search); above 0 it samples.
+
+        The original passed temperature without do_sample, so transformers silently ignored it; here it acts."""
+        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.temperature > 0)
+        if kwargs["do_sample"]:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:  # unset, so a model's own sampling defaults do not draw "flags will be ignored" warnings
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class Completion:
+    """One finished answer; finish_reason is "stop" (EOS), "length" (max_new_tokens) or "cancelled"."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class PromptTooLong(UserError):
+    """The prompt plus max_new_tokens does not fit in the model's context window."""
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation (every beam, every row) once `event` is set: how one request is stopped, and only that one."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Generator:
+    """A loaded model, its tokenizer and prompt template, ready to answer (thread-safe: one per server)."""
+
+    def __init__(self, model, tokenizer, prompter: Prompter):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation appends new tokens on the right of every row
+        self.prompter = prompter
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """Tokens the model can attend to (prompt + answer), None when the config does not say."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def render(self, instruction: str, input: str = "") -> str:
+        """The template's prompt for an instruction and optional input."""
+        return self.prompter.generate_prompt(instruction, input or None)
+
+    def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
+        """Left-padded input tensors on the model's device; a prompt that leaves no room for the answer raises."""
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        for length in lengths:
+            self.check_length(length, max_new_tokens)
+        return {k: v.to(self.model.device) for k, v in enc.items()}
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        limit = self.context_length
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
+            raise PromptTooLong(
+                f"the prompt is {prompt_tokens} tokens; with {max_new_tokens} new tokens that exceeds the model's "
+                f"{limit}-token context: shorten the instruction or input to at most {max(0, limit - max_new_tokens)} tokens"
+            )
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt)["input_ids"])
+
+    def stream(self, prompt: str, settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> "TextStream":
+        """Start generating from a rendered prompt in a background thread; iterate the result for text pieces.
+
+        Streaming decodes one sequence as it grows, so it always uses one beam (num_beams is ignored).
+        Setting `stop` (or calling TextStream.stop) ends the generation after the current token."""
+        settings = dataclasses.replace(settings.checked(), num_beams=1)
+        return TextStream(self, self.encode([prompt], settings.max_new_tokens), settings, stop or threading.Event())
+
+    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
+        """Answers to a batch of rendered prompts (beam search allowed); only the new tokens are decoded."""
+        settings = settings.checked()
+        inputs = self.encode(prompts, settings.max_new_tokens)
+        stop = stop or threading.Event()
+        output = self.model.generate(**inputs, **self.generation_args(settings, stop))
+        return [self.completion(row, inputs, i, settings, stop) for i, row in enumerate(output)]
+
+    def generation_args(self, settings: Settings, stop: threading.Event) -> dict:
+        return dict(
+            **settings.generate_kwargs(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.eos_ids()),  # the tokenizer's EOS, which adapters are trained to emit
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+        )
+
+    def completion(self, row: torch.Tensor, inputs: dict, index: int, settings: Settings, stop: threading.Event) -> Completion:
+        """Decode the new tokens of one output row, up to and including its first EOS."""
+        new = row[inputs["input_ids"].shape[1]:].tolist()
+        eos = self.eos_ids()
+        end = next((i + 1 for i, t in enumerate(new) if t in eos), None)
+        if end is not None:
+            reason = "stop"
+        elif stop.is_set() and len(new) < settings.max_new_tokens:
+            reason = "cancelled"
+        else:
+            reason = "length"
+        new = new[:end]
+        return Completion(
+            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            prompt_tokens=int(inputs["attention_mask"][index].sum()),
+            completion_tokens=len(new),
+            finish_reason=reason,
+        )
+
+    def eos_ids(self) -> set[int]:
+        """The tokenizer's EOS plus any the model's generation config adds (some chat models have several)."""
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = configured if isinstance(configured, list) else [configured]
+        return {i for i in [self.tokenizer.eos_token_id, *ids] if i is not None}
+
+
+class TextStream:
+    """One streamed generation: iterate for decoded text pieces; `stop()` ends it early; use it as a context manager
+    so that leaving the loop for any reason (a user's stop, a closed connection) stops the background thread."""
+
+    def __init__(self, generator: Generator, inputs: dict, settings: Settings, stop: threading.Event):
+        self.generator = generator
+        self.inputs = inputs
+        self.settings = settings
+        self.stop_event = stop
+        self.streamer = TextIteratorStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.error: Optional[BaseException] = None
+        self.completion: Optional[Completion] = None  # set once the generation has finished
+        self.thread = threading.Thread(target=self._generate, daemon=True)
+        self.thread.start()
+
+    def _generate(self) -> None:
+        try:
+            args = self.generator.generation_args(self.settings, self.stop_event)
+            output = self.generator.model.generate(**self.inputs, **args, streamer=self.streamer)
+            self.completion = self.generator.completion(output[0], self.inputs, 0, self.settings, self.stop_event)
+        except BaseException as err:  # re-raised in the consuming thread, which would otherwise wait forever
+            self.error = err
+            self.streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.streamer
+        finally:  # also when the consumer leaves the loop early
+            self.stop()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.thread.join()
+
+
+def load_generator(base_model: str = "", lora_weights: str = "", quantization: str = "none", device: str = "auto",
+                   prompt_template: str = "alpaca") -> Generator:
+    """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first."""
+    from utils import models
+
+    prompter = Prompter(prompt_template or "alpaca")
+    if lora_weights:
+        models.check_adapter_dir(lora_weights)  # before the slow part: a typo fails in a second
+    device = models.pick_device(device)
+    quantization = models.pick_quantization(quantization, device)
+    path = models.resolve_base_model(base_model)
+    print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
+          f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
+          f"({'full precision' if quantization == 'none' else quantization})", file=sys.stderr, flush=True)
+    tokenizer = models.load_tokenizer(path)
+    model = models.load_model(path, quantization, device)
+    if lora_weights:
+        try:
+            model = models.load_adapter(model, lora_weights)
+        except (OSError, ValueError) as err:  # a hub id that is absent or unreachable, a malformed config
+            raise UserError(f"could not load adapter '{lora_weights}': {str(err).splitlines()[0]}") from None
+    return Generator(model, tokenizer, prompter)
