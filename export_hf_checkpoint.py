@@ -1,0 +1,41 @@
+"""Merge a LoRA adapter into its base and save a plain Hugging Face checkpoint: `python export_hf_checkpoint.py
+--lora_weights ./lora-alpaca`. The result loads with `AutoModelForCausalLM.from_pretrained(output_dir)` alone.
+"""
+
+from utils.cli import log, run
+
+
+def export(
+    base_model: str = "",
+    lora_weights: str = "",
+    output_dir: str = "./exports/hf",
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    overwrite_output_dir: bool = False,
+):
+    """Save base + adapter, merged, as safetensors shards with the tokenizer and generation config.
+
+    Args:
+        base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.
+        lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
+        output_dir: Directory to create (it must not exist or be empty); written atomically.
+        dtype: auto (the base's own) | float32 | float16 | bfloat16. The base is loaded unquantized in this dtype.
+        max_shard_size: Largest safetensors file, e.g. 5GB; bigger models are split into numbered shards.
+        overwrite_output_dir: Replace an existing export in output_dir (the old one is deleted only on success).
+    """
+    from utils import export as ex
+    from utils.models import resolve_base_model
+
+    with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
+        adapter = ex.check_lora_weights(lora_weights)
+        base_path = resolve_base_model(base_model)
+        torch_dtype = ex.resolve_dtype(dtype, ex.load_config(base_path))
+        log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(torch_dtype)}")
+        model = ex.load_merged(base_path, adapter, torch_dtype)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        ex.save_tokenizer(base_path, tmp)
+    log(f"Saved the merged model to {output_dir}")
+
+
+if __name__ == "__main__":
+    run(export)

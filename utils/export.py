@@ -1,0 +1,255 @@
+"""Shared by the export scripts: load a base model unquantized, merge a LoRA adapter into it, write atomically.
+
+The format writers live beside this module: utils/export_meta.py (Meta's consolidated .pth), utils/export_gguf.py
+(llama.cpp) and utils/export_onnx.py (ONNX Runtime).
+"""
+
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from utils.cli import UserError, log
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
+                 "bf16": "bfloat16"}
+TOKENIZER_FILES = ("tokenizer.model",)  # written by no fast tokenizer, but Meta's code and llama.cpp read it
+
+
+def resolve_dtype(name: str, config, choices=tuple(DTYPES)) -> torch.dtype:
+    """--dtype: "auto" is the base's own dtype (from its config; float32 when it names none)."""
+    key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key == "auto":
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        own = getattr(torch, own, None) if isinstance(own, str) else own
+        return own if own in [DTYPES[c] for c in choices] else torch.float32
+    if key not in choices:
+        raise UserError(f"unknown --dtype '{name}': choose auto, {', '.join(choices)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def atomic_output_dir(output_dir: str, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh directory beside output_dir to write into; renamed to output_dir only when the block finishes.
+
+    On any error (or Ctrl-C) the temporary directory, and parent directories this call created, are removed:
+    a failed export never leaves a half-written model where a runtime could pick it up."""
+    target = Path(output_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"--output_dir {output_dir} is not empty: choose a new directory, "
+                        "or pass --overwrite_output_dir to replace what is there")
+    created = missing_parents(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as err:
+        remove_empty(created)
+        raise UserError(f"--output_dir {output_dir} is not writable ({err.strerror})") from None
+    try:
+        yield tmp
+        make_readable(tmp)
+        publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
+        raise
+
+
+def make_readable(tmp: Path) -> None:
+    """mkdtemp (and safetensors) create private files; an export is for others to read, as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The ancestors of path that do not exist yet, deepest first (so they can be removed in order)."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def remove_empty(dirs: list[Path]) -> None:
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            break
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move the finished export into place; an old export (--overwrite_output_dir) is deleted only afterwards."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if target.exists():
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+
+
+def load_config(base_path: str):
+    """The base model's config (no weights), so that bad flags fail before the slow load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base_path)
+    except OSError as err:
+        raise UserError(f"could not load base model '{base_path}': {str(err).splitlines()[0]}") from None
+
+
+def check_llama(config, fmt: str) -> None:
+    """Meta's layout and llama.cpp's llama architecture describe exactly the LLaMA block; refuse anything else."""
+    if config.model_type != "llama":
+        raise UserError(f"{fmt} export supports LLaMA-architecture models; {config.model_type} is not one "
+                        "(export_hf_checkpoint.py and export_onnx.py take any causal LM)")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"{fmt} export does not support RoPE scaling ('{rope['rope_type']}') yet")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UserError(f"{fmt} export does not support LLaMA variants with attention or MLP biases")
+
+
+def rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q/k rows from HF's rotary layout (the two halves of each head) back to Meta's (interleaved pairs).
+
+    The inverse of `permute` in transformers' convert_llama_weights_to_hf.py; llama.cpp stores this order too.
+    Pass n_kv_heads for k: with grouped-query attention it has fewer heads than q."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def check_lora_weights(lora_weights: Optional[str]) -> Optional[str]:
+    """The adapter to merge, checked before anything slow happens; None exports the base model alone."""
+    from utils.models import check_adapter_dir
+
+    if lora_weights in (None, "", "none", "None", False):
+        log("No --lora_weights given: exporting the base model alone")
+        return None
+    lora_weights = str(lora_weights)
+    check_adapter_dir(lora_weights)
+    return lora_weights
+
+
+def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype):
+    """The base model, unquantized in `dtype` on the CPU, with every module the adapter adapts merged in.
+
+    LoRA weights stay float32 and PEFT adds their delta in one rounding step, so merging into a 16-bit base
+    loses nothing against merging in float32 and halves the memory (never 8/4-bit: merging into
+    quantized weights rounds the delta away)."""
+    from utils.models import load_model
+
+    model = load_model(base_path, "none", "cpu", dtype=dtype)
+    if lora_weights:
+        if tied_embeddings(model) and adapter_touches_embeddings(model, lora_weights):
+            untie_embeddings(model)
+        model = apply_adapter(model, lora_weights).merge_and_unload()
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad:
+            raise UserError(f"merging {lora_weights} made {bad} NaN or infinite: the adapter is broken (retrain it)")
+    return model.eval()
+
+
+def apply_adapter(model, lora_weights: str):
+    """PeftModel with the adapter loaded; an adapter for another base fails with one line, not a traceback."""
+    from utils.models import load_adapter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = load_adapter(model, lora_weights)
+        except ValueError as err:  # PEFT: target modules that this base does not have
+            raise UserError(f"adapter {lora_weights} does not fit this base model: {str(err).splitlines()[0]}") from None
+    if any("missing adapter keys" in str(w.message) for w in caught):
+        raise UserError(f"adapter {lora_weights} was trained for another base model (its layers do not match); "
+                        "pass the --base_model it was trained on")
+    return model
+
+
+def tied_embeddings(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def adapter_touches_embeddings(model, lora_weights: str) -> bool:
+    """Does the adapter change the embedding or the output layer (LoRA target, modules_to_save, trainable tokens)?"""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(lora_weights)
+    fields = [getattr(config, f, None) for f in ("target_modules", "modules_to_save", "trainable_token_indices")]
+    names = {n for n, m in model.named_modules() if m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    text = str(fields)
+    return any(name.rsplit(".", 1)[-1] in text for name in names)
+
+
+def untie_embeddings(model) -> None:
+    """Give the output layer its own copy of the embedding matrix: with tied weights, merging an adapter into one
+    would silently change the other, unlike the adapter on the unmerged model."""
+    out = model.get_output_embeddings()
+    out.weight = torch.nn.Parameter(out.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    log("The adapter changes the (tied) embeddings: the export stores the output layer separately")
+
+
+def base_file(base_path: str, name: str) -> Optional[Path]:
+    """A file of the base model (local directory or hub cache), or None when the base has none."""
+    local = Path(base_path) / name
+    if Path(base_path).is_dir():
+        return local if local.is_file() else None
+    from transformers.utils.hub import cached_file
+
+    found = cached_file(base_path, name, _raise_exceptions_for_missing_entries=False)
+    return Path(found) if found else None
+
+
+def base_dir(base_path: str) -> Path:
+    """The directory holding the base's files (a hub id resolves to its snapshot in the cache)."""
+    return base_file(base_path, "config.json").parent
+
+
+def load_base_tokenizer(base_path: str):
+    """The base's tokenizer exactly as published (no pad token invented), which every export embeds."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_path)
+
+
+def save_tokenizer(base_path: str, out: Path) -> None:
+    """The tokenizer files next to the weights, plus the SentencePiece model when the base has one."""
+    load_base_tokenizer(base_path).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        source = base_file(base_path, name)
+        if source and not (out / name).exists():
+            shutil.copyfile(source, out / name)
+
+
+def describe(base_model: str, lora_weights: Optional[str]) -> str:
+    base = base_model or "the embedded SmolLM2-135M-Instruct"
+    return base + (f" + {lora_weights}" if lora_weights else "")
