@@ -67,6 +67,42 @@ def atomic_output_dir(output_dir: str, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+@contextmanager
+def atomic_output_file(output_file: str, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary file beside output_file to write into; renamed over output_file only when the block finishes.
+
+    The single-file counterpart of atomic_output_dir (GGUF): on any error the partial file is removed, and a
+    runtime never sees a truncated model under the final name."""
+    target = Path(output_file).expanduser().absolute()
+    if target.is_dir():
+        raise UserError(f"--output_file {output_file} is a directory: name the file to write (e.g. model.gguf)")
+    if target.exists() and not overwrite:
+        raise UserError(f"--output_file {output_file} exists: choose a new name, or pass --overwrite to replace it")
+    created = missing_parents(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+        os.close(handle)
+    except OSError as err:
+        remove_empty(created)
+        raise UserError(f"--output_file {output_file} is not writable ({err.strerror})") from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        make_readable_file(tmp)
+        os.replace(tmp, target)  # atomic on one filesystem; an old file is replaced only now
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        remove_empty(created)
+        raise
+
+
+def make_readable_file(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def make_readable(tmp: Path) -> None:
     """mkdtemp (and safetensors) create private files; an export is for others to read, as the umask allows."""
     umask = os.umask(0)
