@@ -162,10 +162,10 @@ def parse_target_modules(value) -> list[str]:
 
 def reporting(wandb_project: str, wandb_watch: str, wandb_log_model: str, tensorboard: bool) -> list[str]:
     """The Trainer's report_to: wandb only when a project is named (flag or WANDB_PROJECT), as the original."""
+    import importlib.util
+
     report_to = []
     if wandb_project or os.environ.get("WANDB_PROJECT"):
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--wandb_project needs the wandb package: pip install wandb")
         for key, value in (("WANDB_PROJECT", wandb_project), ("WANDB_WATCH", wandb_watch), ("WANDB_LOG_MODEL", wandb_log_model)):
@@ -173,6 +173,8 @@ def reporting(wandb_project: str, wandb_watch: str, wandb_log_model: str, tensor
                 os.environ[key] = value
         report_to.append("wandb")
     if tensorboard:
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
         report_to.append("tensorboard")
     return report_to or ["none"]
 

@@ -221,3 +221,14 @@ def test_embedded_model_real_run(embedded_model, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final_eval_loss"] < metrics["eval_loss_first"] < 5
+
+
+@pytest.mark.parametrize("flags, package", [(dict(wandb_project="p"), "wandb"), (dict(tensorboard=True), "tensorboard")])
+def test_missing_logger_package_is_one_line(monkeypatch, flags, package):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith(package) else real(name, *a))
+    args = dict(wandb_project="", wandb_watch="", wandb_log_model="", tensorboard=False) | flags
+    with pytest.raises(UserError, match=f"needs the {package} package: pip install {package}"):
+        finetune.reporting(**args)
