@@ -1,0 +1,294 @@
+"""The four exports (merged HF checkpoint, Meta's layout, GGUF, ONNX), each read back by the runtime it is for and
+compared with the unmerged base + adapter (PeftModel), plus the ways an export must fail: one line, nothing left.
+
+Tolerances on logits (float32 models with logits of order 1): 1e-4 where only the order of float32 sums differs
+(merged HF, Meta reference code, GGUF F32, ONNX Runtime), 1e-2 for F16 and 5e-2 for BF16 and Q8_0 weights.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen_helpers import make_adapter
+from reference_llama import check_shapes, forward, load_consolidated
+
+REPO = Path(__file__).resolve().parent.parent
+TEXTS = ["Below is an instruction that describes a task.\n\n### Instruction:\nName three colours.\n\n### Response:\n",
+         "Give 3 tips for staying healthy: 1234 héllo wörld!"]
+EXACT = 1e-4
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model, tiny_gqa_model) -> dict[Path, Path]:
+    """A non-zero LoRA adapter for each tiny base."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {base: make_adapter(base, root / base.name, seed=i) for i, base in enumerate((tiny_model, tiny_gqa_model))}
+
+
+def token_ids(base: Path, text: str = TEXTS[0]) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)(text, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def peft_logits(base: Path, adapter: Path, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """The ground truth: the base with the adapter applied unmerged, as training left it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- merged Hugging Face checkpoint -------------------------------------------------------------------------------
+
+def test_hf_checkpoint_matches_base_plus_adapter(tmp_path, tiny_model, adapters):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from export_hf_checkpoint import export
+
+    out = tmp_path / "hf"
+    export(base_model=str(tiny_model), lora_weights=str(adapters[tiny_model]), output_dir=str(out), dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(out)  # transformers alone: no PEFT, no adapter
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    ids = token_ids(tiny_model)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert max_diff(got, peft_logits(tiny_model, adapters[tiny_model], ids)) < EXACT
+    assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()
+    assert AutoTokenizer.from_pretrained(out)(TEXTS[1]).input_ids == AutoTokenizer.from_pretrained(tiny_model)(TEXTS[1]).input_ids
+
+
+# --- Meta's consolidated layout -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_gqa_model"])
+def test_meta_layout_runs_in_reference_code(request, tmp_path, adapters, which, num_shards):
+    from transformers import AutoConfig
+
+    from export_state_dict_checkpoint import export
+
+    base = request.getfixturevalue(which)
+    out = tmp_path / "meta"
+    export(base_model=str(base), lora_weights=str(adapters[base]), output_dir=str(out), num_shards=num_shards,
+           dtype="float32")
+    assert sorted(p.name for p in out.glob("consolidated.*.pth")) == [f"consolidated.{i:02d}.pth" for i in range(num_shards)]
+    params, state = load_consolidated(out)
+    check_shapes(params, state)
+    config = AutoConfig.from_pretrained(base)
+    assert params["dim"] == config.hidden_size and params["n_layers"] == config.num_hidden_layers
+    assert params["n_heads"] == config.num_attention_heads and params["vocab_size"] == config.vocab_size
+    assert params.get("n_kv_heads", params["n_heads"]) == config.num_key_value_heads
+    assert params["norm_eps"] == config.rms_norm_eps
+    assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    ids = token_ids(base)
+    assert max_diff(forward(params, state, ids), peft_logits(base, adapters[base], ids)) < EXACT
+
+
+# --- GGUF (llama.cpp) ---------------------------------------------------------------------------------------------
+
+def read_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("which, outtype, tolerance", [
+    ("tiny_model", "f32", EXACT), ("tiny_gqa_model", "f32", EXACT),
+    ("tiny_model", "f16", 1e-2), ("tiny_model", "bf16", 5e-2), ("tiny_gqa_model", "q8_0", 5e-2),
+])
+def test_gguf_logits_read_back_by_transformers(request, tmp_path, adapters, which, outtype, tolerance):
+    import gguf
+
+    from export_gguf import export
+
+    base = request.getfixturevalue(which)
+    out = tmp_path / f"model-{outtype}.gguf"
+    export(base_model=str(base), lora_weights=str(adapters[base]), output_file=str(out), outtype=outtype)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == outtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
+    ids = token_ids(base)
+    with torch.no_grad():
+        got = read_gguf(out)(ids).logits
+    want = peft_logits(base, adapters[base], ids)
+    assert max_diff(got, want) < tolerance
+    agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agreement == 1.0 if outtype == "f32" else agreement >= 0.9  # a random tiny model has near-ties
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left beside it
+
+
+def test_gguf_embeds_the_sentencepiece_tokenizer(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from export_gguf import export
+
+    out = tmp_path / "base.gguf"
+    export(base_model=str(tiny_model), output_file=str(out), outtype="q8_0")  # no adapter: the base alone
+    original = AutoTokenizer.from_pretrained(tiny_model)
+    embedded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in TEXTS:
+        assert embedded(text).input_ids == original(text).input_ids
+        assert embedded.decode(embedded(text).input_ids, skip_special_tokens=True) == text
+    assert (embedded.bos_token_id, embedded.eos_token_id) == (original.bos_token_id, original.eos_token_id)
+
+
+@pytest.mark.slow
+def test_gguf_of_the_embedded_model_keeps_its_bpe_tokenizer(tmp_path, embedded_model):
+    """SmolLM2: byte-level BPE with merges, 3 KV heads, tied embeddings (reading a 49K vocabulary takes ~20 s)."""
+    from transformers import AutoTokenizer
+
+    from export_gguf import export
+
+    adapter = make_adapter(Path(embedded_model), tmp_path / "adapter")
+    out = tmp_path / "smol.gguf"
+    export(base_model=embedded_model, lora_weights=str(adapter), output_file=str(out), outtype="f16")
+    original = AutoTokenizer.from_pretrained(embedded_model)
+    embedded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in [*TEXTS, "<|im_start|>user\nHi!<|im_end|>\n"]:
+        assert embedded(text).input_ids == original(text).input_ids
+        assert embedded.decode(embedded(text).input_ids) == text
+    ids = original(TEXTS, return_tensors="pt", padding=True).input_ids[:1]
+    with torch.no_grad():
+        got = read_gguf(out)(ids).logits
+    want = peft_logits(Path(embedded_model), adapter, ids)
+    assert max_diff(got, want) < 0.1  # f16 weights, 30 layers
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------------------
+
+def test_onnx_runs_in_onnxruntime_at_new_shapes(tmp_path, tiny_gqa_model, adapters):
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    from export_onnx import export
+
+    out = tmp_path / "onnx"
+    export(base_model=str(tiny_gqa_model), lora_weights=str(adapters[tiny_gqa_model]), output_dir=str(out))
+    assert (out / "model.onnx").is_file()  # published only after export() checked it against the merged model
+    tokenizer = AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the graph
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.unk_token, "left"
+    batch = tokenizer([*TEXTS, "Hi"], return_tensors="pt", padding=True)  # batch 3, not the export's 2
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})
+    want = peft_logits(tiny_gqa_model, adapters[tiny_gqa_model], batch.input_ids, batch.attention_mask)
+    real = batch.attention_mask.bool()
+    assert max_diff(torch.from_numpy(got)[real], want[real]) < EXACT
+
+
+# --- failures: one line, nothing half-written -------------------------------------------------------------------
+
+def snapshot(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def fails(call, *args, **kwargs) -> str:
+    from utils.cli import UserError
+
+    with pytest.raises(UserError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message and message
+    return message
+
+
+def exporters():
+    import export_gguf
+    import export_hf_checkpoint
+    import export_onnx
+    import export_state_dict_checkpoint
+
+    return {"hf": export_hf_checkpoint.export, "meta": export_state_dict_checkpoint.export,
+            "gguf": export_gguf.export, "onnx": export_onnx.export}
+
+
+def output_args(kind: str, path: Path) -> dict:
+    return {"output_file": str(path) + ".gguf"} if kind == "gguf" else {"output_dir": str(path)}
+
+
+@pytest.mark.parametrize("kind", ["hf", "meta", "gguf", "onnx"])
+def test_missing_adapter(tmp_path, tiny_model, kind):
+    message = fails(exporters()[kind], base_model=str(tiny_model), lora_weights=str(tmp_path / "nope"),
+                    **output_args(kind, tmp_path / "out"))
+    assert "not found" in message
+    assert snapshot(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["hf", "meta", "gguf", "onnx"])
+def test_adapter_for_another_base(tmp_path, tiny_gqa_model, tiny_model, adapters, kind):
+    """The tiny_model adapter's v_proj is 64 rows; tiny_gqa_model's (2 KV heads) is 32."""
+    message = fails(exporters()[kind], base_model=str(tiny_gqa_model), lora_weights=str(adapters[tiny_model]),
+                    **output_args(kind, tmp_path / "out" / "deeper"))
+    assert "another base model" in message
+    assert snapshot(tmp_path) == []  # not even the parent directories it created
+
+
+@pytest.mark.parametrize("kind", ["hf", "meta", "onnx"])
+def test_non_empty_output_dir(tmp_path, tiny_model, kind):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    message = fails(exporters()[kind], base_model=str(tiny_model), output_dir=str(tmp_path / "out"))
+    assert "not empty" in message and "--overwrite_output_dir" in message
+    assert snapshot(tmp_path) == ["out", "out/precious.txt"]
+
+
+def test_existing_gguf_file(tmp_path, tiny_model):
+    (tmp_path / "model.gguf").write_text("keep me")
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), output_file=str(tmp_path / "model.gguf"))
+    assert "exists" in message and "--overwrite" in message
+    assert (tmp_path / "model.gguf").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kind", ["hf", "meta", "gguf", "onnx"])
+def test_unwritable_output(tmp_path, tiny_model, kind):
+    """A path under a regular file can never be created, even by root (which ignores permission bits)."""
+    (tmp_path / "file").write_text("")
+    message = fails(exporters()[kind], base_model=str(tiny_model), **output_args(kind, tmp_path / "file" / "out"))
+    assert "not writable" in message
+    assert snapshot(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("kind, flag", [("hf", {"dtype": "int4"}), ("meta", {"dtype": "float8"}),
+                                        ("gguf", {"outtype": "q4_k"})])
+def test_unknown_dtype(tmp_path, tiny_model, kind, flag):
+    message = fails(exporters()[kind], base_model=str(tiny_model), **output_args(kind, tmp_path / "out"), **flag)
+    assert "unknown --" in message and list(flag.values())[0] in message
+    assert snapshot(tmp_path) == []
+
+
+def test_num_shards_must_divide_the_heads(tmp_path, tiny_gqa_model):
+    message = fails(exporters()["meta"], base_model=str(tiny_gqa_model), output_dir=str(tmp_path / "out"), num_shards=4)
+    assert "--num_shards 4" in message and "2 KV heads" in message
+    fails(exporters()["meta"], base_model=str(tiny_gqa_model), output_dir=str(tmp_path / "out"), num_shards=3)
+    assert snapshot(tmp_path) == []
+
+
+def test_cli_prints_one_line_error(tmp_path, tiny_model):
+    out = tmp_path / "model.gguf"
+    result = subprocess.run([sys.executable, "export_gguf.py", "--base_model", str(tiny_model),
+                             "--lora_weights", str(tmp_path / "missing"), "--output_file", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: adapter directory {tmp_path / 'missing'} not found"
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_help_documents_every_flag():
+    """fire builds --help from the docstring's Args: every parameter of every export script is described there."""
+    import inspect
+
+    for name, export in exporters().items():
+        doc = inspect.getdoc(export)
+        for flag in inspect.signature(export).parameters:
+            assert f"\n    {flag}: " in doc, f"{name}: --{flag} is undocumented"
