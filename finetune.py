@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from utils.chat import load_chat_template
 from utils.cli import UserError, log, run
 from utils.metrics import write_reports
 from utils.data import DEFAULT_DATA, load_records, resolve_val_set_size, split_records, tokenize_records
@@ -32,7 +33,7 @@ def train(
     lora_dropout: float = 0.05,
     lora_target_modules: Union[str, list[str]] = ("q_proj", "v_proj"),
     # llm hyperparams
-    train_on_inputs: bool = True,
+    train_on_inputs: Optional[bool] = None,
     add_eos_token: bool = True,
     group_by_length: bool = False,
     packing: bool = True,
@@ -43,6 +44,7 @@ def train(
     wandb_log_model: str = "",
     resume_from_checkpoint: Union[None, bool, str] = None,
     prompt_template_name: str = "alpaca",
+    chat_template: str = "",
     # beyond the original
     quantization: str = "auto",
     column_map: Union[None, str, dict] = None,
@@ -73,7 +75,7 @@ def train(
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: Dropout on the LoRA input.
         lora_target_modules: Linear layers to adapt, e.g. [q_proj,v_proj] or all-linear.
-        train_on_inputs: If False, the loss skips the prompt (instruction and input) tokens.
+        train_on_inputs: Loss on the prompt too (instruction and input; in conversations the system and user turns); default: on for instruction records as in the original, off for conversations (assistant turns only).
         add_eos_token: Append EOS so the model learns to stop (the original left it off; on by default here).
         group_by_length: Batch records of similar length together: less padding, faster, a noisier loss curve.
         packing: Concatenate each micro-batch into one padding-free row (positions restart per record, no attention across records); same loss, no compute spent on padding. False gives the original's padded batches.
@@ -83,6 +85,7 @@ def train(
         wandb_log_model: false | true (upload checkpoints to wandb).
         resume_from_checkpoint: A checkpoint-N dir (full resume), True (the latest in output_dir), or an adapter dir (new run from its weights).
         prompt_template_name: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path.
+        chat_template: How conversation data (ShareGPT/OpenAI records) is rendered: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the tokenizer's if it has one, else alpaca_chat.
         quantization: auto (8bit on CUDA, none elsewhere) | 8bit | 4bit (QLoRA NF4) | none.
         column_map: Rename data columns, e.g. question=instruction,answer=output.
         max_steps: Stop after this many optimizer steps (overrides num_epochs when > 0).
@@ -117,8 +120,13 @@ def train(
     models.check_target_modules(base_path, target_modules)
     tokenizer = models.load_tokenizer(base_path)
     train_records, val_records = split_records(records, val_size, seed)
+    chat = load_chat_template(chat_template, tokenizer) if "messages" in records[0] else None
+    if chat is not None:
+        log(f"Conversations rendered with chat template {chat.name}")
+    if train_on_inputs is None:  # the original trains on Alpaca prompts too; a chat model learns only its own turns
+        train_on_inputs = chat is None
     prepare = dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
-                   train_on_inputs=train_on_inputs, add_eos_token=add_eos_token)
+                   train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, chat=chat)
     train_data = tokenize_records(train_records, **prepare)
     val_data = tokenize_records(val_records, **prepare) if val_records is not None else None
 

@@ -9,7 +9,7 @@ from utils.prompts import TEMPLATES_DIR, Prompter, available_templates
 
 
 def test_shipped_templates():
-    assert available_templates() == ["alpaca", "alpaca_legacy", "alpaca_short", "vigogne"]
+    assert available_templates() == ["alpaca", "alpaca_chat", "alpaca_legacy", "alpaca_short", "vigogne"]
     for name in available_templates():
         template = json.loads((TEMPLATES_DIR / f"{name}.json").read_text())
         assert {"description", "prompt_input", "prompt_no_input", "response_split"} <= template.keys()
@@ -48,7 +48,7 @@ def test_custom_template_path(tmp_path):
 
 
 def test_unknown_template_lists_available():
-    with pytest.raises(UserError, match="unknown prompt template 'nope': choose one of alpaca, alpaca_legacy, alpaca_short, vigogne"):
+    with pytest.raises(UserError, match="unknown prompt template 'nope': choose one of alpaca, alpaca_chat, alpaca_legacy, alpaca_short, vigogne"):
         Prompter("nope")
 
 

@@ -1,9 +1,11 @@
-"""Instruction data: load Alpaca/Dolly records from a file or the hub, validate, split and tokenize."""
+"""Training data: load Alpaca/Dolly records or ShareGPT/OpenAI conversations from a file or the hub, validate,
+split and tokenize."""
 
 import json
 from pathlib import Path
 from typing import Optional, Union
 
+from utils.chat import SHAPE_NAMES, ChatTemplate, record_messages, record_shape
 from utils.cli import UserError, log
 from utils.prompts import Prompter
 
@@ -56,11 +58,19 @@ def load_raw_records(data_path: str) -> list:
         raise UserError(f"could not load data set '{data_path}' from the Hugging Face Hub: {str(err).splitlines()[0]}") from None
 
 
+def rename(record, column_map: dict):
+    """The record with its fields renamed by --column_map."""
+    return {column_map.get(k, k): v for k, v in record.items()} if isinstance(record, dict) else record
+
+
 def normalize_record(record, index: int, source: str, column_map: dict) -> dict:
-    """One record as {instruction, input, output}, from Alpaca, Dolly or mapped column names."""
+    """One record as {instruction, input, output}, from Alpaca, Dolly or mapped column names, or a conversation
+    (ShareGPT or OpenAI shape) as {messages: [{role, content}, ...]}."""
     if not isinstance(record, dict):
         raise UserError(f"{source}: record {index} is a {type(record).__name__}, not an object with instruction/output fields")
-    record = {column_map.get(k, k): v for k, v in record.items()}
+    record = rename(record, column_map)
+    if record_shape(record):
+        return {"messages": record_messages(record, f"{source}: record {index}")}
     if "output" not in record and "response" in record:
         record = {DOLLY_COLUMNS.get(k, k): v for k, v in record.items()}
     missing = [k for k in ("instruction", "output") if k not in record]
@@ -78,11 +88,18 @@ def normalize_record(record, index: int, source: str, column_map: dict) -> dict:
 
 
 def load_records(data_path: str, column_map: Union[None, str, dict] = None) -> list[dict]:
-    """Validated {instruction, input, output} records; errors name the file and the record."""
+    """Validated {instruction, input, output} records or {messages} conversations; errors name the file and the record."""
     mapping = parse_column_map(column_map)
-    records = [normalize_record(r, i, data_path, mapping) for i, r in enumerate(load_raw_records(data_path))]
+    raw = load_raw_records(data_path)
+    records = [normalize_record(r, i, data_path, mapping) for i, r in enumerate(raw)]
     if not records:
         raise UserError(f"{data_path} holds no records")
+    # One shape per data set: a conversation among instruction records is more likely a mistake than a plan.
+    shapes = [record_shape(rename(r, mapping)) for r in raw]
+    mixed = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+    if mixed is not None:
+        raise UserError(f"{data_path}: record {mixed} is {SHAPE_NAMES[shapes[mixed]]} but record 0 is "
+                        f"{SHAPE_NAMES[shapes[0]]}; keep each kind of record in its own file")
     return records
 
 
@@ -99,24 +116,32 @@ def resolve_val_set_size(val_set_size: Optional[float], num_records: int) -> int
     return size
 
 
-def render(record: dict, prompter: Prompter) -> dict:
-    """The training text and where the response starts in it (the loss mask is derived from this)."""
+def render(record: dict, prompter: Prompter, chat: Optional[ChatTemplate] = None) -> dict:
+    """The training text and the character spans the loss is on (the loss mask is derived from these): the
+    response of an instruction record, every assistant turn of a conversation."""
+    if "messages" in record:
+        text, spans = chat.assistant_spans(record["messages"])
+        return {"text": text, "spans": spans, "conversation": True}
     prompt = prompter.generate_prompt(record["instruction"], record["input"])
-    return {"text": prompt + record["output"], "response_start": len(prompt)}
+    text = prompt + record["output"]
+    return {"text": text, "spans": [(len(prompt), len(text))], "conversation": False}
 
 
-def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool) -> dict:
-    """Render and tokenize a batch of records; labels are -100 on prompt tokens unless train_on_inputs."""
-    rendered = [render(dict(zip(batch, values)), prompter) for values in zip(*batch.values())]
+def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool,
+                   chat: Optional[ChatTemplate] = None) -> dict:
+    """Render and tokenize a batch of records; labels are -100 outside the spans unless train_on_inputs."""
+    rendered = [render(dict(zip(batch, values)), prompter, chat) for values in zip(*batch.values())]
     enc = tokenizer([r["text"] for r in rendered], truncation=True, max_length=cutoff_len, return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
     out = {"input_ids": [], "attention_mask": [], "labels": []}
     for ids, offsets, r in zip(enc["input_ids"], enc["offset_mapping"], rendered):
-        # A token is part of the response when its characters end past the prompt; special tokens such as
-        # BOS have empty (0, 0) offsets and belong to the prompt.
-        start = r["response_start"]
-        labels = [t if train_on_inputs or end > start else IGNORE_INDEX for t, (_, end) in zip(ids, offsets)]
-        if add_eos_token and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+        # A token is trained on when its characters overlap a span; special tokens such as BOS have empty
+        # (0, 0) offsets and belong to the prompt.
+        spans = r["spans"]
+        labels = [t if train_on_inputs or any(end > s and start < e for s, e in spans) else IGNORE_INDEX
+                  for t, (start, end) in zip(ids, offsets)]
+        # A conversation's turns end with the template's own end-of-turn marker (in the spans) instead.
+        if add_eos_token and not r["conversation"] and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
             ids, labels = ids + [eos], labels + [eos]
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
@@ -124,8 +149,10 @@ def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, 
     return out
 
 
-def tokenize_records(records, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool):
+def tokenize_records(records, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool,
+                     chat: Optional[ChatTemplate] = None):
     """A datasets.Dataset of input_ids/attention_mask/labels, prepared with batched map (52K records in seconds).
+    Conversations (records with "messages") are rendered with `chat`.
 
     Records whose response was cut off entirely by cutoff_len teach nothing (and would give a NaN loss
     in a batch of their own), so they are dropped with a message."""
@@ -137,7 +164,7 @@ def tokenize_records(records, tokenizer, prompter: Prompter, cutoff_len: int, tr
         batched=True,
         remove_columns=dataset.column_names,
         fn_kwargs=dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
-                       train_on_inputs=train_on_inputs, add_eos_token=add_eos_token),
+                       train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, chat=chat),
         desc="Tokenizing",
     )
     kept = dataset.filter(lambda batch: [any(t != IGNORE_INDEX for t in l) for l in batch["labels"]], batched=True)

@@ -14,22 +14,27 @@ def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
 
 
+def read_template(template_name: str, kind: str = "prompt template") -> tuple[Path, dict]:
+    """A template by name (templates/NAME.json) or .json path, parsed; shared by Prompter and chat templates."""
+    path = Path(template_name)
+    if path.suffix != ".json":  # a bare name refers to the shipped templates
+        path = TEMPLATES_DIR / f"{template_name}.json"
+    if not path.is_file():
+        raise UserError(
+            f"unknown {kind} '{template_name}': choose one of "
+            f"{', '.join(available_templates())} or give a path to a .json template"
+        )
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"template {path} is not valid JSON: {err}") from None
+
+
 class Prompter:
     """Renders an Alpaca-style template: `prompt + output` is exactly what the model is trained on."""
 
     def __init__(self, template_name: str = "alpaca", verbose: bool = False):
-        path = Path(template_name)
-        if path.suffix != ".json":  # a bare name refers to the shipped templates
-            path = TEMPLATES_DIR / f"{template_name}.json"
-        if not path.is_file():
-            raise UserError(
-                f"unknown prompt template '{template_name}': choose one of "
-                f"{', '.join(available_templates())} or give a path to a .json template"
-            )
-        try:
-            self.template = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"template {path} is not valid JSON: {err}") from None
+        path, self.template = read_template(template_name)
         missing = [k for k in REQUIRED_KEYS if k not in self.template]
         if missing:
             raise UserError(f"template {path} lacks {', '.join(missing)}; see templates/README.md")
