@@ -8,6 +8,7 @@
 
 import json
 import os
+import re
 import sys
 import threading
 import traceback
@@ -176,7 +177,7 @@ def answer_records(generator, records: list[dict], settings, batch_size: int, ou
                     results[i] = {"error": str(err)}
             completions = generator.complete([prompts[i] for i in fitting], settings) if fitting else []
             for i, completion in zip(fitting, completions):
-                results[i] = {"response": completion.text}
+                results[i] = {"response": first_answer(completion.text, generator.prompter.template["response_split"])[0]}
             for record, result in zip(batch, results):
                 print(result["response"] if plain else json.dumps({**record, **result}, ensure_ascii=False), file=out, flush=True)
             if len(records) > 1:
@@ -226,6 +227,7 @@ def make_answer_fn(generator, stops: SessionStops):
             raise gr.Error("Type an instruction first.", print_exception=False)
         settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
         session = getattr(request, "session_hash", None)
+        marker = generator.prompter.template["response_split"]
         try:
             prompt = generator.render(instruction, input)
             with stops.register(session) as stop:
@@ -234,9 +236,12 @@ def make_answer_fn(generator, stops: SessionStops):
                     with generator.stream(prompt, settings, stop) as pieces:
                         for piece in pieces:
                             text += piece
-                            yield text.lstrip()
+                            answer, ended = first_answer(text, marker)
+                            yield answer
+                            if ended:  # leaving the stream stops the generation: no compute on unseen text
+                                break
                 else:
-                    yield generator.complete([prompt], settings, stop)[0].text
+                    yield first_answer(generator.complete([prompt], settings, stop)[0].text, marker)[0]
         except UserError as err:  # too long for the context, bad settings: this user's message only
             raise gr.Error(str(err), print_exception=False) from None
         except Exception as err:  # e.g. out of GPU memory: tell this user, keep serving the others
@@ -244,6 +249,16 @@ def make_answer_fn(generator, stops: SessionStops):
             raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
 
     return answer
+
+
+def first_answer(text: str, marker: str) -> tuple[str, bool]:
+    """The text before the model starts another section, and whether it did.
+
+    A base model without an adapter rambles on past its answer with "### Response:", "### Explanation:" ...
+    sections; the original demo cut its answers at the next response marker, and this also cuts at any line that
+    is a "### Title:" header of that kind."""
+    found = re.search(rf"{re.escape(marker)}|^### [^\n]{{1,40}}:[ \t]*\n", text, re.M)
+    return (text[:found.start()].strip(), True) if found else (text.lstrip(), False)
 
 
 def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = 4):

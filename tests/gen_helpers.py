@@ -1,6 +1,7 @@
 """Helpers for the generate.py tests: a quick LoRA adapter, model hooks that shape generation, a live demo server."""
 
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,41 @@ def scripted(model, token_ids: list[int]):
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def answering(model, tokenizer, answer_for):
+    """Make the model answer every prompt with answer_for(prompt text) + EOS, one token per step.
+
+    Unlike `scripted`, each generation follows its own script (kept per thread: one generate() call runs in one
+    thread), so concurrent requests get different, predictable answers. Yields a list that records every
+    generation as {"prompt", "answer", "script" (its token ids), "rows" (batch × beams), "steps" (forward passes so far)}."""
+    local, runs = threading.local(), []
+
+    def on_forward(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:  # a prefill: a new generation starts in this thread
+            prompt = tokenizer.decode(ids[0], skip_special_tokens=True)
+            answer = answer_for(prompt)
+            script = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            local.run = {"prompt": prompt, "answer": answer, "script": script, "rows": ids.shape[0], "steps": 0}
+            runs.append(local.run)
+
+    def on_logits(module, args, output):
+        run = local.run
+        token = run["script"][min(run["steps"], len(run["script"]) - 1)]
+        run["steps"] += 1
+        output.fill_(float("-inf"))
+        output[..., token] = 0.0
+        return output
+
+    handles = [base_of(model).register_forward_pre_hook(on_forward, with_kwargs=True),
+               base_of(model).lm_head.register_forward_hook(on_logits)]
+    try:
+        yield runs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -1,0 +1,271 @@
+"""generate.py's demo, live: its API driven with gradio_client and its page driven in headless Chromium.
+
+Every server here listens on 127.0.0.1 only. The tiny random model answers through gen_helpers.answering, so
+each answer is known in advance ("You asked: <instruction>") and `slowed` makes the streaming observable."""
+
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from gen_helpers import ARTIFACTS, REPO, answering, free_port, make_adapter, serving, slowed
+
+import generate
+from utils.generation import Settings, load_generator
+
+DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=100)
+
+
+def echo(prompt: str) -> str:
+    """The scripted answer: it quotes the instruction, so every request can tell its answer from another's."""
+    return "You asked: " + re.search(r"### Instruction:\n(.*?)\n\n###", prompt, re.S).group(1)
+
+
+def ask(instruction, input="", temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=100, stream=True):
+    """The /generate endpoint's positional arguments."""
+    return (instruction, input, temperature, top_p, top_k, num_beams, max_new_tokens, stream)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model, tmp_path_factory):
+    adapter = make_adapter(tiny_model, tmp_path_factory.mktemp("adapter"))
+    return load_generator(str(tiny_model), str(adapter), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def runs(gen):
+    """Every generation of this module's model answers `echo`; the list records them."""
+    with answering(gen.model, gen.tokenizer, echo) as runs:
+        yield runs
+
+
+@pytest.fixture(scope="module")
+def url(gen, runs):
+    """The demo (default concurrency limit: 4) serving the tiny model + adapter."""
+    with serving(generate.build_app(gen, DEFAULTS, title="tiny")) as url:
+        yield url
+
+
+def client(url, **kwargs):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, **kwargs)
+
+
+def run_of(runs, instruction: str) -> dict:
+    [run] = [r for r in runs if f"Instruction:\n{instruction}\n" in r["prompt"]]
+    return run
+
+
+# --- the API ---------------------------------------------------------------------------------------------------
+
+def test_partials_grow_and_the_final_is_the_response_only(gen, url, runs):
+    job = client(url).submit(*ask("Tell me about alpacas."), api_name="/generate")
+    with slowed(gen.model, 0.02):
+        partials = list(job)
+    assert job.outputs()[-1] == "You asked: Tell me about alpacas."  # no prompt, no template, no EOS
+    distinct = [p for i, p in enumerate(partials) if p and p != partials[i - 1]]
+    assert len(distinct) >= 5, partials  # token by token, not one block at the end
+    assert all(b.startswith(a) for a, b in zip(distinct, distinct[1:])), distinct
+    assert run_of(runs, "Tell me about alpacas.")["rows"] == 1
+
+
+def test_stream_off_uses_the_beams_and_answers_in_one_piece(url, runs):
+    job = client(url).submit(*ask("Name three animals.", num_beams=4, stream=False), api_name="/generate")
+    assert job.result(timeout=30) == "You asked: Name three animals."
+    assert job.outputs() == ["You asked: Name three animals."]
+    assert run_of(runs, "Name three animals.")["rows"] == 4  # beam search really ran with 4 beams
+
+
+def test_streaming_ignores_beams(url, runs):
+    assert client(url).predict(*ask("Count to three.", num_beams=4), api_name="/generate") == "You asked: Count to three."
+    assert run_of(runs, "Count to three.")["rows"] == 1
+
+
+def test_input_reaches_the_prompt(url, runs):
+    answer = client(url).predict(*ask("Translate the sentence.", "I like llamas."), api_name="/generate")
+    assert answer == "You asked: Translate the sentence."
+    assert "### Input:\nI like llamas." in run_of(runs, "Translate the sentence.")["prompt"]
+
+
+@pytest.mark.parametrize("header", ["### Response:", "### Explanation:"])
+def test_answer_ends_where_the_model_starts_another_section(gen, url, header):
+    """A base model without an adapter rambles on in new sections; the demo shows the answer and stops there."""
+    rambling = f"Alpacas are gentle.\n\n{header}\nAlpacas are gentle.\n\n{header}\nAlpacas are gentle."
+    with answering(gen.model, gen.tokenizer, lambda prompt: rambling) as runs:
+        for stream in (True, False):
+            assert client(url).predict(*ask("Describe alpacas.", stream=stream), api_name="/generate") == "Alpacas are gentle."
+    streamed = runs[0]
+    assert streamed["steps"] < len(streamed["script"]) - 10  # the generation was stopped, not just hidden
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Alpacas are gentle.", ("Alpacas are gentle.", False)),
+    ("Alpacas.\n### Resp", ("Alpacas.\n### Resp", False)),  # not yet a header: shown while streaming
+    ("Alpacas.\n### Response:", ("Alpacas.", True)),
+    ("Alpacas.\n\n### Input:\nx", ("Alpacas.", True)),
+    ("### Step 1: shear\nthe alpaca", ("### Step 1: shear\nthe alpaca", False)),  # a markdown heading stays
+])
+def test_first_answer(text, expected):
+    assert generate.first_answer(text, "### Response:") == expected
+
+
+def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
+    long = "Tell me everything about alpacas, llamas, vicunas and guanacos in the Andes mountains."
+    alice, bob = client(url), client(url)
+    with slowed(gen.model, 0.03):
+        jobs = [alice.submit(*ask(long), api_name="/generate"), bob.submit(*ask(long + " Please."), api_name="/generate")]
+        deadline = time.time() + 20
+        while not all(job.outputs() for job in jobs) and time.time() < deadline:  # both are streaming
+            time.sleep(0.02)
+        alice.predict(api_name="/stop")
+        stopped = jobs[0].result(timeout=10)
+        stopped_at = run_of(runs, long)["steps"]
+        assert jobs[1].result(timeout=30) == f"You asked: {long} Please."
+    assert "You asked: ".startswith(stopped) or stopped.startswith("You asked: "), stopped
+    assert len(stopped) < len(f"You asked: {long}") - 20  # cut short
+    run = run_of(runs, long)
+    assert run["steps"] <= stopped_at + 1 < len(run["script"])  # and its generation ended, freeing the model
+    assert alice.predict(*ask("Still there?"), api_name="/generate") == "You asked: Still there?"  # stop is not sticky
+
+
+def test_over_long_input_is_a_visible_error_and_the_server_keeps_serving(url):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=r"exceeds the model's 512-token context: shorten the instruction or input"):
+        client(url).predict(*ask("Summarize this.", "word " * 2000), api_name="/generate")
+    assert client(url).predict(*ask("And now?"), api_name="/generate") == "You asked: And now?"
+
+
+@pytest.mark.parametrize("instruction", ["", "   \n"])
+def test_empty_instruction_is_a_visible_error(url, instruction):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Type an instruction first"):
+        client(url).predict(*ask(instruction), api_name="/generate")
+
+
+def test_auth_is_enforced(gen, runs):
+    with serving(generate.build_app(gen, DEFAULTS), auth=("alpaca", "pass:word")) as url:
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the API is closed too, not just the login page
+            urllib.request.urlopen(url + "config", timeout=10)
+        assert refused.value.code == 401
+        for wrong in (None, ("alpaca", "pass"), ("llama", "pass:word")):
+            with pytest.raises(Exception):
+                client(url, **({"auth": wrong} if wrong else {}))
+        assert client(url, auth=("alpaca", "pass:word")).predict(*ask("Hi."), api_name="/generate") == "You asked: Hi."
+
+
+def test_twenty_concurrent_clients_each_get_their_own_answer(gen, url, runs):
+    """20 users at once, 4 answered at a time (the default concurrency limit), the others queued."""
+    instructions = [f"Question {i}: what is {i} times {i}?" for i in range(20)]
+    answers, errors = {}, []
+
+    def user(instruction):
+        try:
+            answers[instruction] = client(url).submit(*ask(instruction), api_name="/generate").result(timeout=60)
+        except Exception as err:  # reported below, with the others
+            errors.append(repr(err))
+
+    start = time.time()
+    with slowed(gen.model, 0.01):
+        threads = [threading.Thread(target=user, args=(i,)) for i in instructions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+    elapsed = time.time() - start
+    print(f"20 concurrent clients answered in {elapsed:.1f} s")
+    assert not errors, errors
+    assert answers == {i: f"You asked: {i}" for i in instructions}
+    assert elapsed < 60
+
+
+# --- a real browser --------------------------------------------------------------------------------------------
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's) driven by Playwright; skipped where either is missing (CI installs both)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not executable:
+        pytest.skip("no chromium on PATH (apt-get install chromium); never `playwright install` here")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def watch_output(page, done, timeout: float) -> list[str]:
+    """The distinct non-empty values of the output box, polled until done(value) or the timeout."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        value = page.input_value("#output textarea")
+        if value and (not seen or value != seen[-1]):
+            seen.append(value)
+        if done(value):
+            break
+        time.sleep(0.02)
+    return seen
+
+
+def test_browser_streams_the_answer_and_fills_examples(gen, url, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    page.fill("#instruction textarea", "Tell me about alpacas.")
+    with slowed(gen.model, 0.1):
+        page.click("#submit")
+        seen = watch_output(page, lambda value: value == "You asked: Tell me about alpacas.", timeout=30)
+    assert seen and seen[-1] == "You asked: Tell me about alpacas.", seen
+    assert len(seen) >= 3, seen  # at least two different partials before the final: it streamed
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo-tiny.png"), full_page=True)
+
+    page.get_by_text("Translate the sentence into Spanish.").click()  # an example with an input
+    page.wait_for_function("document.querySelector('#input textarea').value.length > 0", timeout=5000)
+    assert page.input_value("#instruction textarea") == "Translate the sentence into Spanish."
+    assert page.input_value("#input textarea") == "I have no mouth but I must scream."
+    page.close()
+
+
+@pytest.mark.slow
+def test_python_generate_py_serves_the_embedded_model(browser, embedded_model):
+    """`python generate.py` with no model flags: the embedded SmolLM2 streams an answer in the page.
+
+    Its screenshot, test-artifacts/demo.png, is the README's docs/demo.png."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "generate.py", "--server_port", str(port)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() is not None else "timed out"
+                time.sleep(1)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.fill("#instruction textarea", "Tell me about alpacas.")
+        page.click("#submit")
+        # Finished once the Submit event's progress indicator is gone from the output box.
+        seen = watch_output(page, lambda value: value and not page.locator("#output .generating").count(), timeout=240)
+        assert len(seen) >= 3, seen
+        assert "alpaca" in seen[-1].lower() and "### " not in seen[-1], seen[-1]
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
