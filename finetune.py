@@ -244,7 +244,8 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         activation_checkpointing=gradient_checkpointing,
         torch_compile=torch_compile,
-        include_num_input_tokens_seen="non_padding",
+        # Packed rows hold no padding (and no attention mask to count it from): count every token.
+        include_num_input_tokens_seen="all" if packing else "non_padding",
         report_to=report_to,
         run_name=run_name,
         seed=seed,

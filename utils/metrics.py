@@ -11,11 +11,12 @@ from utils.cli import is_main_process
 
 
 def loss_series(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """(step, loss) pairs for training and validation from the Trainer's log history."""
-    return {
-        "train": [(h["step"], h["loss"]) for h in log_history if "loss" in h],
-        "validation": [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h],
-    }
+    """(step, loss) pairs for training and validation from the Trainer's log history, one per step: a resumed
+    run validates again at the step it resumes from (eval_on_start), which repeats that step's figure."""
+    def by_step(key):
+        return sorted({h["step"]: h[key] for h in log_history if key in h}.items())
+
+    return {"train": by_step("loss"), "validation": by_step("eval_loss")}
 
 
 def summarize(log_history: list[dict], final: dict) -> dict:

@@ -1,0 +1,177 @@
+"""evaluate.py and what training leaves behind, on a tiny random LLaMA (seconds)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import finetune
+from tiny import REPO
+from utils.cli import UserError
+from utils.evaluation import DEFAULT_PROMPTS, answers_table, markdown_cell, response_loss
+
+QUICK = dict(batch_size=8, micro_batch_size=4, cutoff_len=128, val_set_size=8, logging_steps=1, save_steps=4,
+             warmup_steps=0, learning_rate=1e-2, lora_target_modules="q_proj,k_proj,v_proj,o_proj")
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_model, tmp_path_factory):
+    """A run stopped after 4 steps (as an interrupted run would be) and resumed to step 8."""
+    data = tmp_path_factory.mktemp("data") / "alpaca.json"
+    data.write_text(json.dumps(json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:40]))
+    out = tmp_path_factory.mktemp("run") / "lora"
+    args = dict(QUICK, base_model=str(tiny_model), data_path=str(data), output_dir=str(out))
+    finetune.train(**args, max_steps=4)
+    first = json.loads((out / "metrics.json").read_text())
+    finetune.train(**args, max_steps=8, resume_from_checkpoint=True)
+    return out, first
+
+
+@pytest.fixture(scope="module")
+def evaluated(resumed_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    evaluate.main(lora_weights=str(resumed_run[0]), output_dir=str(out), max_new_tokens=6, batch_size=4)
+    return out
+
+
+def test_curve_and_metrics_span_an_interrupted_and_resumed_run(resumed_run):
+    out, first = resumed_run
+    assert [h["step"] for h in first["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 9))  # both halves, none repeated
+    assert {h["step"] for h in history if "eval_loss" in h} == {0, 4, 8}
+    assert metrics["eval_loss_first"] == first["eval_loss_first"]  # still the base model's loss at step 0
+    assert metrics["perplexity_best"] == pytest.approx(2.718281828 ** metrics["eval_loss_best"])
+    assert all(h["tokens_per_second"] > 0 for h in history if "loss" in h and h["step"] not in (1, 5))
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "loss_curve.png").stat().st_size > 10_000  # a drawn chart, not an empty canvas
+
+
+def test_held_out_loss_equals_the_models_own_loss(tiny_model, alpaca_file):
+    """Batched, padded, token-weighted: the same number as one forward pass over all records together."""
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    from utils.data import load_records, tokenize_records
+    from utils.models import load_tokenizer
+    from utils.prompts import Prompter
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    records = load_records(str(alpaca_file))[:10]
+    dataset = tokenize_records(records, tokenizer, Prompter(), cutoff_len=128, train_on_inputs=False, add_eos_token=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    measured = response_loss(model, dataset, tokenizer.pad_token_id, batch_size=3)
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(dataset.to_list())
+    with torch.no_grad():
+        direct = model(**batch).loss.item()
+    assert measured["loss"] == pytest.approx(direct, rel=1e-5)
+    assert measured["perplexity"] == pytest.approx(torch.tensor(direct).exp().item(), rel=1e-5)
+    assert measured["tokens"] == int((batch["labels"][:, 1:] != -100).sum()) and measured["records"] == len(dataset)
+
+
+def test_evaluation_compares_base_and_adapter_on_the_runs_held_out_records(evaluated, resumed_run, tiny_model):
+    """Defaults come from training_args.json: the 8 records the run held out; the adapter beats the base there."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    from utils.data import load_records, split_records, tokenize_records
+    from utils.models import load_tokenizer
+    from utils.prompts import Prompter
+
+    report = json.loads((evaluated / "evaluation.json").read_text())
+    held = report["held_out"]
+    assert held["adapter"]["loss"] < held["base"]["loss"]
+    # The same figures computed by hand from finetune.py's own split.
+    run = json.loads((resumed_run[0] / "training_args.json").read_text())
+    tokenizer = load_tokenizer(str(tiny_model))
+    records = split_records(load_records(run["data_path"]), 8, seed=42)[1]
+    dataset = tokenize_records(records, tokenizer, Prompter(), cutoff_len=128, train_on_inputs=False, add_eos_token=True)
+    assert held["base"]["records"] == held["adapter"]["records"] == len(dataset)  # 8 held out, less those cut off
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(dataset.to_list())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        assert held["base"]["loss"] == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+        tuned = PeftModel.from_pretrained(model, resumed_run[0]).eval()
+        assert held["adapter"]["loss"] == pytest.approx(tuned(**batch).loss.item(), rel=1e-5)
+
+
+def test_answers_are_written_as_jsonl_and_markdown(evaluated):
+    prompts = json.loads(Path(DEFAULT_PROMPTS).read_text())
+    rows = [json.loads(line) for line in (evaluated / "answers.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == prompts
+    for row in rows:
+        assert isinstance(row["base"], str) and isinstance(row["adapter"], str)
+        assert row["base_finish"] in ("stop", "length") and row["adapter_finish"] in ("stop", "length")
+    markdown = (evaluated / "evaluation.md").read_text()
+    assert "## Held-out loss" in markdown and "## Answers" in markdown
+    for prompt in prompts:
+        assert markdown_cell(prompt) in markdown
+
+
+def test_the_original_prompts_are_shipped_verbatim():
+    prompts = json.loads(Path(DEFAULT_PROMPTS).read_text())
+    assert prompts[:9] == [
+        "Tell me about alpacas.",
+        "Tell me about the president of Mexico in 2019.",
+        "Tell me about the king of France in 2019.",
+        "List all Canadian provinces in alphabetical order.",
+        "Write a Python program that prints the first 10 Fibonacci numbers.",
+        "Write a program that prints the numbers from 1 to 100. But for multiples of three print 'Fizz' instead of the "
+        "number and for the multiples of five print 'Buzz'. For numbers which are multiples of both three and five "
+        "print 'FizzBuzz'.",
+        "Tell me five words that rhyme with 'shock'.",
+        "Translate the sentence 'I have no mouth but I must scream' into Spanish.",
+        "Count up from 1 to 500.",
+    ]
+    assert len(prompts) == 12
+
+
+def test_markdown_table_keeps_each_answer_in_its_cell():
+    rows = [
+        dict(instruction="Pipes | and\nlines", input="", base="a | b\n\nc", adapter="def f():\n    return 1 < 2"),
+        dict(instruction="Second", input="with input", base="", adapter="x\\|y"),
+    ]
+    lines = answers_table(rows).splitlines()
+    assert len(lines) == 4  # header, rule, one line per row
+    for line in lines[2:]:
+        cells = re.split(r"(?<!\\)\|", line)[1:-1]  # split on unescaped pipes only
+        assert len(cells) == 4, line
+    assert "Pipes \\| and<br>lines" in lines[2] and "a \\| b<br><br>c" in lines[2]
+    assert "def f():<br>&nbsp;&nbsp;&nbsp;&nbsp;return 1 &lt; 2" in lines[2]  # indentation and '<' survive rendering
+    assert "Second<br><br>Input: with input" in lines[3]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(lora_weights=""), "--lora_weights is required"),
+        (dict(lora_weights="./no-such-adapter"), "adapter directory ./no-such-adapter not found"),
+        (dict(data_path="missing.json"), "data file missing.json not found"),
+        (dict(prompts_path="missing-prompts.json"), "prompts file missing-prompts.json not found"),
+        (dict(loss=False, answers=False), "leave nothing to do"),
+    ],
+)
+def test_bad_input_fails_before_loading_the_model(resumed_run, monkeypatch, tmp_path, overrides, message):
+    import utils.generation
+
+    monkeypatch.setattr(utils.generation, "load_generator", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = dict(lora_weights=str(resumed_run[0]), output_dir=str(tmp_path)) | overrides
+    with pytest.raises(UserError, match=message):
+        evaluate.main(**args)
+
+
+def test_cli_bad_input_is_one_line_and_help_documents_every_flag():
+    proc = subprocess.run([sys.executable, "evaluate.py"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --lora_weights is required")
+    assert "Traceback" not in proc.stderr
+    import inspect
+
+    doc = evaluate.main.__doc__
+    for flag in inspect.signature(evaluate.main).parameters:
+        assert f"\n        {flag}: " in doc, flag

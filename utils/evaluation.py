@@ -1,0 +1,173 @@
+"""What an adapter changed: held-out loss/perplexity and answers of the base model vs base + adapter.
+
+evaluate.py is the command line; everything here works on one loaded Generator whose model is a PeftModel,
+so the base model's figures come from the same weights with the adapter switched off (no second load).
+"""
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from utils.cli import UserError
+from utils.data import IGNORE_INDEX, load_records, resolve_val_set_size, split_records, tokenize_records
+from utils.generation import Generator, Settings
+
+DEFAULT_PROMPTS = str(Path(__file__).resolve().parent.parent / "data" / "eval_prompts.json")
+
+
+def run_arguments(lora_weights: str) -> dict:
+    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
+    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
+        path = folder / "training_args.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
+
+
+def held_out_records(data_path: str, val_set_size: Optional[float], seed: int, column_map=None) -> list[dict]:
+    """The records to score: finetune.py's held-out split when val_set_size is set (same seed, same split),
+    otherwise every record of the file."""
+    records = load_records(data_path, column_map)
+    if not val_set_size:
+        return records
+    size = resolve_val_set_size(val_set_size, len(records))
+    return split_records(records, size, seed)[1].to_list()
+
+
+@torch.no_grad()
+def response_loss(model, dataset, pad_token_id: int, batch_size: int = 8) -> dict:
+    """Token-weighted mean cross-entropy over the label tokens (the responses) and its perplexity.
+
+    A mean of per-batch means (what the Trainer's eval_loss is) weights short answers more; this is the
+    loss of the whole set as one batch, whatever the batch size."""
+    rows = sorted(dataset, key=lambda r: len(r["input_ids"]))  # similar lengths together: little padding
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = pad_right(rows[start:start + batch_size], pad_token_id)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits.float()
+        # Token t predicts token t+1, as in the model's own loss.
+        shifted = labels[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((shifted != IGNORE_INDEX).sum())
+    if count == 0:
+        raise UserError("no response tokens to score: every record was cut off by cutoff_len")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "records": len(rows)}
+
+
+def pad_right(rows: list[dict], pad_token_id: int) -> dict:
+    """Tensors for a batch; right padding keeps each record's positions as in training."""
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def padded(key, value):
+        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
+
+    return {"input_ids": padded("input_ids", pad_token_id), "attention_mask": padded("attention_mask", 0),
+            "labels": padded("labels", IGNORE_INDEX)}
+
+
+def compare_losses(generator: Generator, records: list[dict], cutoff_len: int, add_eos_token: bool, batch_size: int) -> dict:
+    """Held-out loss of the base model and of base + adapter, tokenized and masked as in training.
+
+    Only response tokens count (train_on_inputs=False): the prompt template is the same text every time and
+    would flatter the adapter."""
+    dataset = tokenize_records(records, generator.tokenizer, generator.prompter, cutoff_len=cutoff_len,
+                               train_on_inputs=False, add_eos_token=add_eos_token)
+    pad = generator.tokenizer.pad_token_id
+    with generator.model.disable_adapter():
+        base = response_loss(generator.model, dataset, pad, batch_size)
+    return {"base": base, "adapter": response_loss(generator.model, dataset, pad, batch_size)}
+
+
+def load_prompts(path: str) -> list[dict]:
+    """A JSON list of instructions: strings, or objects with "instruction" and an optional "input"."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts file {path} not found")
+    try:
+        items = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path} should hold a non-empty list of instructions")
+    prompts = []
+    for i, item in enumerate(items):
+        item = {"instruction": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or not isinstance(item.get("instruction"), str):
+            raise UserError(f"{path}: item {i} should be a string or an object with an \"instruction\" string")
+        prompts.append({"instruction": item["instruction"], "input": item.get("input") or ""})
+    return prompts
+
+
+def compare_answers(generator: Generator, prompts: list[dict], settings: Settings, batch_size: int) -> list[dict]:
+    """Each prompt with the base model's and the adapter's answer (batched, left-padded generation)."""
+    rendered = [generator.render(p["instruction"], p["input"]) for p in prompts]
+    answers = {}
+    for name in ("base", "adapter"):
+        completions = []
+        for start in range(0, len(rendered), batch_size):
+            chunk = rendered[start:start + batch_size]
+            if name == "base":
+                with generator.model.disable_adapter():
+                    completions += generator.complete(chunk, settings)
+            else:
+                completions += generator.complete(chunk, settings)
+        answers[name] = completions
+    return [
+        dict(p, base=b.text, adapter=a.text, base_finish=b.finish_reason, adapter_finish=a.finish_reason)
+        for p, b, a in zip(prompts, answers["base"], answers["adapter"])
+    ]
+
+
+def markdown_cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell: '|' escaped, line breaks as <br>, indentation kept."""
+    text = html.escape(text.strip(), quote=False)  # so "<b>" or "a < b" in an answer shows as written
+    lines = [re.sub(r"^ +", lambda m: "&nbsp;" * len(m.group()), line) for line in text.splitlines()]
+    return "<br>".join(lines).replace("|", "\\|")
+
+
+def answers_table(rows: list[dict]) -> str:
+    lines = ["| # | Instruction | Base model | Base + adapter |", "|---|---|---|---|"]
+    for i, row in enumerate(rows, 1):
+        instruction = row["instruction"] + (f"\n\nInput: {row['input']}" if row["input"] else "")
+        lines.append(f"| {i} | {markdown_cell(instruction)} | {markdown_cell(row['base'])} | {markdown_cell(row['adapter'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def losses_table(losses: dict) -> str:
+    base, tuned = losses["base"], losses["adapter"]
+    change = lambda a, b: f"{(b - a) / a:+.1%}"
+    return "\n".join([
+        "| | Base model | Base + adapter | Change |",
+        "|---|---|---|---|",
+        f"| Held-out loss (nats/token) | {base['loss']:.4f} | {tuned['loss']:.4f} | {change(base['loss'], tuned['loss'])} |",
+        f"| Perplexity | {base['perplexity']:.2f} | {tuned['perplexity']:.2f} | {change(base['perplexity'], tuned['perplexity'])} |",
+        "",
+        f"{base['records']} records, {base['tokens']} response tokens.",
+        "",
+    ])
+
+
+def write_report(out: Path, losses: Optional[dict], answers: Optional[list[dict]], settings: dict) -> list[Path]:
+    """evaluation.json (figures and settings), answers.jsonl, evaluation.md (both tables); returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "evaluation.json"]
+    written[0].write_text(json.dumps({"settings": settings, "held_out": losses}, indent=2) + "\n")
+    markdown = ["# Base model vs base + adapter", ""]
+    if losses:
+        markdown += ["## Held-out loss", "", losses_table(losses)]
+    if answers is not None:
+        (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
+        written.append(out / "answers.jsonl")
+        markdown += ["## Answers", "", answers_table(answers)]
+    (out / "evaluation.md").write_text("\n".join(markdown))
+    return written + [out / "evaluation.md"]
