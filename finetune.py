@@ -137,6 +137,9 @@ def train(
     if device_map == "auto" and world_size > 1:
         raise UserError("--device_map auto (one process over all GPUs) cannot be combined with torchrun/accelerate ranks")
     model = models.load_model(base_path, quantization, device, device_map=device_map)
+    from transformers import set_seed
+
+    set_seed(seed)  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
     model = wrap_lora(model, quantization, warm_start, gradient_checkpointing,
                       r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
 

@@ -83,11 +83,18 @@ def test_run_directory_contents(trained):
     assert not list(trained.glob(".saving-*"))  # nothing half-written left behind
 
 
-def test_resume_continues_from_the_saved_step(tiny_model, alpaca_file, tmp_path):
-    """Stopping at step 4 and resuming to step 8 gives the same losses as one uninterrupted 8-step run."""
+def test_resume_continues_from_the_saved_step(tiny_model, alpaca_file, tmp_path, capsys):
+    """A run interrupted after its step-4 checkpoint and resumed to step 8 logs the same losses as one
+    uninterrupted 8-step run (same learning-rate schedule, data order, dropout RNG)."""
+    import shutil
+
     straight = run_train(tiny_model, alpaca_file, tmp_path / "straight", max_steps=8, val_set_size=0)
-    out = run_train(tiny_model, alpaca_file, tmp_path / "resumed", max_steps=4, val_set_size=0)
+    out = tmp_path / "resumed"  # what an interruption between step 4 and step 8 leaves behind
+    shutil.copytree(straight / "checkpoint-4", out / "checkpoint-4")
+    capsys.readouterr()
     run_train(tiny_model, alpaca_file, out, max_steps=8, val_set_size=0, resume_from_checkpoint=True)
+    printed = capsys.readouterr().out
+    assert "Resuming the full training state" in printed and printed.count("'loss': ") == 4  # only steps 5-8 ran
     resumed = logged(out / "checkpoint-8", "loss")
     assert [s for s, _ in resumed] == list(range(1, 9))  # steps 1-4 from the first run, 5-8 resumed, none repeated
     expected = logged(straight / "checkpoint-8", "loss")

@@ -1,8 +1,14 @@
 """Command-line plumbing shared by every script: one-line errors, rank-aware printing."""
 
+import logging
 import os
 import sys
 from typing import Any, Callable
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (which transformers' Trainer does) warns that an optional fast
+# 4-bit kernel could not be fetched from the Hugging Face Hub and tells the user to install `kernels`. Its built-in
+# CPU kernel works without it, and fetching would need the network: the warning is noise in every one-line error.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class UserError(Exception):
