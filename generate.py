@@ -4,6 +4,7 @@
     python generate.py --lora_weights ./lora-alpaca     # after finetune.py
     python generate.py --instruction "Tell me about alpacas."             # prints the answer, no server
     python generate.py --input_file questions.jsonl --output_file answers.jsonl
+    python generate.py --api                            # + an OpenAI-compatible API at http://127.0.0.1:7860/v1
 """
 
 import json
@@ -57,6 +58,10 @@ def main(
     stream: bool = True,
     batch_size: int = 8,
     concurrency_limit: int = 4,
+    chat_template: str = "",
+    api: bool = False,
+    api_max_tokens: int = 512,
+    api_max_input_tokens: int = 0,
 ):
     """Serve base model + LoRA adapter in a Gradio demo, or answer --instruction / --input_file without a server.
 
@@ -82,7 +87,11 @@ def main(
         max_new_tokens: Longest answer, in tokens.
         stream: In the demo, stream answers token by token by default (the user can switch it off).
         batch_size: Instructions generated together in --input_file mode (left-padded batches).
-        concurrency_limit: Answers the demo generates at the same time; further requests wait in the queue.
+        concurrency_limit: Answers the demo generates at the same time; further requests wait in the queue (the API answers 429 instead).
+        chat_template: How the Chat tab and the API render conversations: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the tokenizer's if it has one, else alpaca_chat. Use the adapter's (finetune.py --chat_template).
+        api: Also serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) on the same port, behind the same --auth (the password is the API key).
+        api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
+        api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
     """
     from utils.generation import Settings
 
@@ -93,6 +102,8 @@ def main(
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
     if batch_size < 1 or concurrency_limit < 1:
         raise UserError("--batch_size and --concurrency_limit must be at least 1")
+    if api_max_tokens < 1 or api_max_input_tokens < 0:
+        raise UserError("--api_max_tokens must be at least 1 and --api_max_input_tokens at least 0")
 
     from utils.generation import load_generator
 
@@ -100,9 +111,16 @@ def main(
     if batch_mode:
         answer_records(generator, records, settings, batch_size, output_file, plain=bool(instruction) and not output_file)
         return
+    from utils.api import ApiSettings
+    from utils.chat import load_chat_template
+
+    chat = load_chat_template(chat_template, generator.tokenizer)
     warn_if_exposed(server_name, share_gradio, credentials)
     title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
-    app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit)
+    api_settings = ApiSettings(model=Path(lora_weights or base_model or "SmolLM2-135M-Instruct").name, max_tokens=api_max_tokens,
+                               max_input_tokens=api_max_input_tokens, concurrency=concurrency_limit) if api else None
+    app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit,
+                    chat=chat, api=api_settings)
     launch(app, server_name=server_name, server_port=server_port, share=share_gradio, auth=credentials)
 
 
@@ -261,39 +279,88 @@ def first_answer(text: str, marker: str) -> tuple[str, bool]:
     return (text[:found.start()].strip(), True) if found else (text.lstrip(), False)
 
 
-def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = 4):
-    """The gr.Blocks demo: instruction + input, the original's controls, a streamed output, Stop, examples.
+def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = 4, chat=None, api=None):
+    """The gr.Blocks demo: an Instruction tab (instruction + input, the original's controls, a streamed output, Stop,
+    examples) and a Chat tab (a conversation rendered by `chat`, default: the tokenizer's template or alpaca_chat).
 
     API endpoints (gradio_client): /generate (instruction, input, temperature, top_p, top_k, num_beams,
-    max_new_tokens, stream) streams the answer; /stop stops the calling session's answers."""
+    max_new_tokens, stream) streams the answer; /stop stops the calling session's answers; /chat (message,
+    system prompt, the same settings) answers in the chat. With `api` (utils.api.ApiSettings), launch() also
+    serves the OpenAI-compatible /v1 routes."""
     import gradio as gr
 
+    from utils.chat import load_chat_template
+
+    chat = chat or load_chat_template("", generator.tokenizer)
     stops = SessionStops()
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
-        gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions, answers stream as they are written.")
-        with gr.Row():
-            with gr.Column():
-                instruction = gr.Textbox(lines=2, label="Instruction", placeholder="Tell me about alpacas.", elem_id="instruction")
-                input = gr.Textbox(lines=2, label="Input", placeholder="none", elem_id="input")
-                with gr.Row():
-                    submit = gr.Button("Submit", variant="primary", elem_id="submit")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                controls = settings_controls(gr, defaults, stream, generator.context_length)
-            with gr.Column():
-                output = gr.Textbox(lines=14, label="Output", elem_id="output", buttons=["copy"], autoscroll=True)
-        gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
+        gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions and chats, answers stream as they are written.")
+        with gr.Tab("Instruction"):
+            with gr.Row():
+                with gr.Column():
+                    instruction = gr.Textbox(lines=2, label="Instruction", placeholder="Tell me about alpacas.", elem_id="instruction")
+                    input = gr.Textbox(lines=2, label="Input", placeholder="none", elem_id="input")
+                    with gr.Row():
+                        submit = gr.Button("Submit", variant="primary", elem_id="submit")
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    controls = settings_controls(gr, defaults, stream, generator.context_length)
+                with gr.Column():
+                    output = gr.Textbox(lines=14, label="Output", elem_id="output", buttons=["copy"], autoscroll=True)
+            gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
 
-        event = gr.on(
-            [submit.click, instruction.submit], make_answer_fn(generator, stops),
-            inputs=[instruction, input, *controls], outputs=output, api_name="generate",
-        )
+            event = gr.on(
+                [submit.click, instruction.submit], make_answer_fn(generator, stops),
+                inputs=[instruction, input, *controls], outputs=output, api_name="generate",
+            )
 
         def stop_session(request: gr.Request) -> None:
             stops.stop(getattr(request, "session_hash", None))
 
         # Stop sets this session's events (generation ends after the current token) and drops its queued requests.
         stop.click(stop_session, None, None, cancels=[event], queue=False, api_name="stop")
+        with gr.Tab("Chat"):
+            chat_tab(gr, generator, chat, defaults, stream, stops, stop_session)
+    if api is not None:  # the OpenAI-compatible routes, made by launch() which knows the credentials
+        from utils.api import build_router
+
+        app.openai_routes = lambda credentials: build_router(generator, chat, defaults, api, credentials).routes
     return app.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_SIZE)
+
+
+def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, stop_session) -> None:
+    """A conversation with history: a system prompt box, the same settings, the answers streamed into the chat."""
+    from utils.chat import chat_messages
+    from utils.generation import Settings
+
+    def respond(message: str, history: list, system: str, temperature: float, top_p: float, top_k: int,
+                num_beams: int, max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
+        if not (message or "").strip():
+            raise gr.Error("Type a message first.", print_exception=False)
+        settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
+        try:
+            prompt = chat.render(chat_messages(system, history, message), add_generation_prompt=True)
+            with stops.register(getattr(request, "session_hash", None)) as stop:
+                if not stream:
+                    yield generator.complete([prompt], settings, stop)[0].text
+                    return
+                text = ""
+                with generator.stream(prompt, settings, stop) as pieces:
+                    for piece in pieces:
+                        text += piece
+                        yield text.strip()
+        except UserError as err:  # a conversation grown past the context, bad settings: this user's message only
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:
+            traceback.print_exc()
+            raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
+
+    system = gr.Textbox(lines=1, label="System prompt", elem_id="system",
+                        placeholder="empty: the chat template's default" + (f" ({chat.name})" if chat.name else ""))
+    with gr.Accordion("Generation settings", open=False):
+        controls = settings_controls(gr, defaults, stream, generator.context_length)
+    ui = gr.ChatInterface(respond, additional_inputs=[system, *controls], api_name="chat", fill_height=False)
+    # The chat's own Stop button also ends the running generation (not only the event that streams it).
+    ui.textbox.stop(stop_session, None, None, queue=False, api_visibility="undocumented")
 
 
 def settings_controls(gr, defaults, stream: bool, context_length: Optional[int]) -> list:
@@ -311,10 +378,17 @@ def settings_controls(gr, defaults, stream: bool, context_length: Optional[int])
 
 
 def launch(app, server_name: str, server_port: int, share: bool, auth, block: bool = True):
-    """Start the server; a busy port is a one-line error, not a traceback."""
+    """Start the server (with the OpenAI-compatible routes when build_app got `api`, behind the same `auth`);
+    a busy port is a one-line error, not a traceback."""
+    make_routes = getattr(app, "openai_routes", None)
+    routes = make_routes(auth) if make_routes else None
+    if routes:
+        print(f"OpenAI-compatible API at http://{server_name}:{server_port}/v1 (/v1/chat/completions, /v1/models)",
+              file=sys.stderr, flush=True)
     try:
         return app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth,
-                          prevent_thread_lock=not block, footer_links=["api", "gradio"])
+                          prevent_thread_lock=not block, footer_links=["api", "gradio"],
+                          app_kwargs={"routes": routes} if routes else None)
     except OSError as err:
         raise UserError(f"cannot serve on {server_name}:{server_port} ({err}); pass another --server_port") from None
 

@@ -1,0 +1,223 @@
+"""An OpenAI-compatible chat API (POST /v1/chat/completions, GET /v1/models), served beside the Gradio demo.
+
+Requests are rendered with the same chat template as the demo's chat tab and answered by the same Generator, so a
+client such as the official `openai` package talks to the adapter exactly as the chat tab does. Errors use OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, with the status codes OpenAI uses: 400 bad request,
+401 missing or wrong key, 413 too large, 429 too many requests at once.
+"""
+
+import base64
+import hmac
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from utils.chat import ChatTemplate, parse_messages
+from utils.cli import UserError
+from utils.generation import Generator, PromptTooLong, Settings
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the API serves and the limits it enforces."""
+
+    model: str = "alpaca-lora"  # the id /v1/models lists; requests may name any model, this one answers
+    max_tokens: int = 512  # the most new tokens a request may ask for (400 above)
+    max_input_tokens: int = 0  # the longest rendered conversation, in tokens (413 above); 0: the model's context
+    concurrency: int = 4  # answers generated at once; a request beyond that gets 429 instead of waiting
+    max_body_bytes: int = 1 << 20  # 413 above
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None,
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.param = status, type, code, param
+
+    def response(self) -> JSONResponse:
+        error = {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
+        headers = {"WWW-Authenticate": 'Bearer realm="alpaca-lora"'} if self.status == 401 else None
+        return JSONResponse({"error": error}, status_code=self.status, headers=headers)
+
+
+class ChatRequest(BaseModel):
+    """The request fields that are honoured; others (tools, logprobs, ...) are ignored, as OpenAI ignores unknown ones."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    messages: list
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None  # the newer name of max_tokens
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[dict] = None
+
+
+def authorized(request: Request, credentials: Optional[tuple[str, str]]) -> bool:
+    """The demo's --auth user:password: `Authorization: Bearer <password>` (an OpenAI client's api_key; "user:password"
+    works too) or HTTP basic auth with the same user and password."""
+    if credentials is None:
+        return True
+    user, password = credentials
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode()
+        except ValueError:
+            return False
+        return hmac.compare_digest(value.encode(), f"{user}:{password}".encode())
+    return scheme.lower() == "bearer" and any(
+        hmac.compare_digest(value.encode(), key.encode()) for key in (password, f"{user}:{password}"))
+
+
+def sse(payload) -> str:
+    """One server-sent event, as OpenAI streams them."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, api: ApiSettings,
+                 credentials: Optional[tuple[str, str]] = None) -> APIRouter:
+    """The /v1 routes; `defaults` supplies temperature, top_p and max_tokens when a request leaves them out."""
+    router = APIRouter(prefix="/v1")
+    slots = threading.BoundedSemaphore(api.concurrency)
+    created = int(time.time())
+
+    def check_auth(request: Request) -> None:
+        if not authorized(request, credentials):
+            raise ApiError(401, "missing or wrong API key: send the --auth password as the Bearer token (api_key)",
+                           "invalid_request_error", "invalid_api_key")
+
+    async def read_request(request: Request) -> ChatRequest:
+        if int(request.headers.get("content-length") or 0) > api.max_body_bytes:
+            raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
+        body = await request.body()
+        if len(body) > api.max_body_bytes:
+            raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
+        try:
+            return ChatRequest.model_validate(json.loads(body or b"null"))
+        except json.JSONDecodeError as err:
+            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
+                           param=".".join(map(str, first["loc"])) or None) from None
+
+    def prepare(req: ChatRequest) -> tuple[str, Settings]:
+        """The rendered prompt and the decoding settings, or the 400/413 that explains what is wrong."""
+        if req.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        try:
+            messages = parse_messages(req.messages, "messages")
+        except UserError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        if messages[-1]["role"] != "user":
+            raise ApiError(400, "the last message should be the user's: it is what the model answers", param="messages")
+        asked = [n for n in (req.max_completion_tokens, req.max_tokens) if n is not None]
+        max_tokens = asked[0] if asked else min(defaults.max_new_tokens, api.max_tokens)
+        if max_tokens > api.max_tokens:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {api.max_tokens}", param="max_tokens")
+        try:
+            settings = Settings(
+                temperature=defaults.temperature if req.temperature is None else req.temperature,
+                top_p=defaults.top_p if req.top_p is None else req.top_p,
+                top_k=defaults.top_k, num_beams=1, max_new_tokens=max_tokens,
+            ).checked()
+        except UserError as err:
+            raise ApiError(400, str(err)) from None
+        prompt = chat.render(messages, add_generation_prompt=True)
+        tokens = generator.prompt_tokens(prompt)
+        limit = api.max_input_tokens or generator.context_length
+        if limit and tokens > limit:
+            raise ApiError(413, f"the conversation is {tokens} tokens; this server accepts at most {limit}",
+                           code="request_too_large", param="messages")
+        try:
+            generator.check_length(tokens, max_tokens)
+        except PromptTooLong as err:
+            raise ApiError(400, str(err), code="context_length_exceeded", param="messages") from None
+        return prompt, settings
+
+    def chunk(completion_id: str, delta: dict, finish_reason: Optional[str] = None) -> dict:
+        return {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": api.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    def usage(completion) -> dict:
+        return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+                "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+    def finish_reason(completion) -> str:
+        return "length" if completion.finish_reason == "length" else "stop"
+
+    def streamed(prompt: str, settings: Settings, include_usage: bool) -> StreamingResponse:
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = generator.stream(prompt, settings)
+
+        async def events():
+            try:
+                yield sse(chunk(completion_id, {"role": "assistant", "content": ""}))
+                started = False
+                async for piece in iterate_in_threadpool(stream):
+                    piece = piece if started else piece.lstrip()  # as the non-streamed answer, no leading space
+                    if piece:
+                        started = True
+                        yield sse(chunk(completion_id, {"content": piece}))
+                yield sse(chunk(completion_id, {}, finish_reason(stream.completion)))
+                if include_usage:
+                    yield sse(dict(chunk(completion_id, {}), choices=[], usage=usage(stream.completion)))
+                yield sse("[DONE]")
+            except Exception as err:  # the 200 is already sent: report in the stream, as OpenAI does
+                yield sse({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None, "code": None}})
+            finally:  # also when the client goes away: stop generating for nobody, free the slot
+                stream.stop()
+                slots.release()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            check_auth(request)
+            req = await read_request(request)
+            prompt, settings = await run_in_threadpool(prepare, req)
+            if not slots.acquire(blocking=False):
+                raise ApiError(429, f"{api.concurrency} requests are being answered; retry shortly",
+                               "rate_limit_error", "rate_limit_exceeded")
+        except ApiError as err:
+            return err.response()
+        if req.stream:
+            try:
+                return streamed(prompt, settings, bool((req.stream_options or {}).get("include_usage")))
+            except BaseException:
+                slots.release()
+                raise
+        try:
+            completion = (await run_in_threadpool(generator.complete, [prompt], settings))[0]
+        except Exception as err:
+            return ApiError(500, f"generation failed: {err}", "server_error").response()
+        finally:
+            slots.release()
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": api.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": finish_reason(completion)}],
+            "usage": usage(completion),
+        }
+
+    @router.get("/models")
+    async def models(request: Request):
+        try:
+            check_auth(request)
+        except ApiError as err:
+            return err.response()
+        return {"object": "list", "data": [{"id": api.model, "object": "model", "created": created, "owned_by": "alpaca-lora"}]}
+
+    return router
