@@ -1,0 +1,331 @@
+"""Training speed: the original alpaca-lora recipe against this project's, same data, model and hyperparameters.
+
+    python benchmarks/bench_train.py                    # CPU: the embedded SmolLM2-135M (about 10 minutes on 2 cores)
+    python benchmarks/bench_train.py --gpu --size 7b    # one GPU: random LLaMA-7B shapes, bf16 / 8-bit / 4-bit, MFU
+    python benchmarks/bench_train.py --smoke            # seconds: the --gpu code path on a tiny model, on any machine
+
+Every recipe trains through finetune.py's own wrap_lora + build_trainer (the Hugging Face Trainer), each in a
+fresh subprocess so that peak memory and thread settings do not leak from one recipe to the next. All recipes see
+the same records in the same order (same seed) with the same global batch, so their losses should agree step by
+step (group_by_length excepted, it reorders); the first optimizer step is a warm-up and is not timed.
+Writes benchmarks/results/<machine>.json and prints a table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# name -> how it differs from the reference; every recipe keeps the global batch (--batch_size records/step).
+CPU_RECIPES = {
+    # The original: random micro-batches padded per batch to a multiple of 8, no length grouping, fp32 on CPU.
+    "reference": dict(packing=False),
+    "packed": dict(packing=True),  # this project's default: each micro-batch is one padding-free row
+    "packed-mb16": dict(packing=True, micro_batch_size=16),  # one long row per optimizer step
+    "grouped": dict(packing=False, group_by_length=True),  # padded, but with records of similar length together
+    "packed-ckpt": dict(packing=True, gradient_checkpointing=True),
+    "packed-compile": dict(packing=True, torch_compile=True),
+}
+CPU_DEFAULT = ["reference", "packed", "packed-mb16", "grouped"]
+GPU_RECIPES = {
+    # The original on a GPU: 8-bit base, fp16 autocast with loss scaling, padded random micro-batches.
+    "reference": dict(packing=False, quantization="8bit", fp16=True),
+    "packed-8bit": dict(packing=True, quantization="8bit"),  # this project's default on CUDA (bf16 compute)
+    "packed-bf16": dict(packing=True, quantization="none"),
+    "packed-4bit": dict(packing=True, quantization="4bit"),  # QLoRA NF4
+    "packed-bf16-mb16": dict(packing=True, quantization="none", micro_batch_size=16),
+}
+# LLaMA-1 shapes; the vocabulary is the tokenizer's (SmolLM2's 49,152 by default: real-length token sequences).
+LLAMA_SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
+H100_BF16_FLOPS = 790e12  # measured bf16 8192^3 matmul on the lent H100/H200, the ceiling MFU is quoted against
+
+
+# ---------------------------------------------------------------- data preparation
+
+def original_tokenize(record, tokenizer, prompter, cutoff_len, train_on_inputs=True, add_eos_token=True):
+    """tloen/alpaca-lora's generate_and_tokenize_prompt, verbatim in substance: one record per call."""
+
+    def tokenize(prompt, add_eos=True):
+        result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+        if result["input_ids"][-1] != tokenizer.eos_token_id and len(result["input_ids"]) < cutoff_len and add_eos:
+            result["input_ids"].append(tokenizer.eos_token_id)
+            result["attention_mask"].append(1)
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    full = tokenize(prompter.generate_prompt(record["instruction"], record["input"], record["output"]))
+    if not train_on_inputs:
+        user_len = len(tokenize(prompter.generate_prompt(record["instruction"], record["input"]), add_eos_token)["input_ids"])
+        user_len -= 1 if add_eos_token else 0
+        full["labels"] = [-100] * user_len + full["labels"][user_len:]
+    return full
+
+
+def time_data_prep(tokenizer, n_records: int, cutoff_len: int) -> dict:
+    """Seconds to tokenize n_records (the shipped sample repeated), the original's way and this project's way."""
+    from datasets import Dataset
+
+    from utils.data import load_records, tokenize_records
+    from utils.prompts import Prompter
+
+    base = load_records(str(REPO / "data" / "alpaca_en_demo.json"))
+    records = (base * (n_records // len(base) + 1))[:n_records]
+    prompter = Prompter("alpaca")
+    t0 = time.perf_counter()
+    ref = Dataset.from_list(records).map(
+        original_tokenize, fn_kwargs=dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len))
+    t1 = time.perf_counter()
+    ours = tokenize_records(Dataset.from_list(records), tokenizer, prompter, cutoff_len, True, True)
+    t2 = time.perf_counter()
+    same = ref[:200]["input_ids"] == ours[:200]["input_ids"]  # both must produce the same training tokens
+    return dict(records=n_records, reference_s=round(t1 - t0, 2), project_s=round(t2 - t1, 2),
+                speedup=round((t1 - t0) / (t2 - t1), 2), same_tokens=same)
+
+
+# ---------------------------------------------------------------- one recipe (runs in a subprocess)
+
+def llama_checkpoint(size: str, vocab_size: int, work_dir: Path, dtype) -> Path:
+    """A randomly initialised LLaMA of the given shape, saved once so that load_model (and its 8/4-bit paths)
+    loads it exactly as it would load real weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = work_dir / f"llama-{size}-random"
+    if (path / "config.json").is_file():
+        return path
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False, **LLAMA_SHAPES[size])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):  # initialising 7B parameters on the CPU would take minutes
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+def flops_per_token(config, context: float) -> float:
+    """LoRA training FLOPs per real token: 2N forward + 2N backward for the activation gradients (frozen
+    weights need no weight gradients; the adapters are negligible), N = parameters outside the embedding;
+    plus causal attention, 2*L*d*context forward, three times that with its backward."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
+    n = layers * per_layer + d * config.vocab_size  # + lm_head
+    return 4 * n + 6 * layers * d * context
+
+
+def run_recipe(spec: dict) -> dict:
+    """Train spec['steps'] + 1 optimizer steps with finetune.py's Trainer and measure the timed ones."""
+    import torch
+    from transformers import TrainerCallback
+    from unittest import mock
+
+    import finetune
+    from utils import models
+    from utils.data import load_records, tokenize_records
+    from utils.prompts import Prompter
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    device = models.pick_device("auto")
+    tokenizer = models.load_tokenizer(spec["tokenizer"])
+    records = load_records(str(REPO / "data" / "alpaca_en_demo.json"))
+    import random
+
+    random.Random(spec["seed"]).shuffle(records)
+    n_records = spec["batch_size"] * (spec["steps"] + spec["warmup"])
+    data = tokenize_records(records[:n_records], tokenizer, Prompter("alpaca"), spec["cutoff_len"], True, True)
+
+    # The original ran fp16 on GPUs; pretending bf16 is missing makes load_model and build_trainer choose fp16
+    # (with the Trainer's loss scaling), exactly as they do on a V100 or T4.
+    no_bf16 = mock.patch("torch.cuda.is_bf16_supported", return_value=False) if spec.get("fp16") else mock.MagicMock()
+    with no_bf16:
+        base = spec["base_model"] or models.resolve_base_model(None)
+        quantization = spec.get("quantization", "none")
+        model = models.load_model(base, quantization, device)
+        model = finetune.wrap_lora(model, quantization, None, spec.get("gradient_checkpointing", False),
+                                   r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
+        micro = spec.get("micro_batch_size", spec["micro_batch"])
+        out = Path(tempfile.mkdtemp(prefix="bench-"))
+        trainer = finetune.build_trainer(
+            model, tokenizer, data, None, out, device, micro_batch_size=micro, grad_accum=spec["batch_size"] // micro,
+            num_epochs=1, max_steps=spec["steps"] + spec["warmup"], learning_rate=3e-4, warmup_steps=0,
+            save_steps=10**6, logging_steps=1, group_by_length=spec.get("group_by_length", False),
+            packing=spec["packing"], gradient_checkpointing=spec.get("gradient_checkpointing", False),
+            torch_compile=spec.get("torch_compile", False), report_to=["none"], run_name=None,
+            seed=spec["seed"], world_size=1)
+
+    # Count what each micro-batch holds as it reaches the loss (the dataloader reads one batch ahead, so
+    # counting in the collator would credit tokens to the wrong step).
+    seen = {"real": 0, "total": 0}
+    compute_loss = trainer.compute_loss
+
+    def counting_compute_loss(model, inputs, *args, **kwargs):
+        mask = inputs.get("attention_mask")
+        seen["total"] += inputs["input_ids"].numel()
+        seen["real"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting_compute_loss
+    marks = []  # (time, real tokens, all tokens) at the end of every optimizer step
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), 0, 0))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), seen["real"], seen["total"]))
+
+    trainer.add_callback(StepClock())
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+
+    timed = marks[spec["warmup"]:]
+    seconds, real, total = (timed[-1][i] - timed[0][i] for i in range(3))
+    per_step = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(timed, timed[1:])]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = dict(
+        real_tokens=real, all_tokens=total, seconds=round(seconds, 2),
+        tokens_per_s=round(real / seconds, 1), tokens_per_s_median_step=round(statistics.median(per_step), 1),
+        padding_fraction=round(1 - real / total, 3), losses=[round(x, 4) for x in losses],
+        warmup_s=round(marks[spec["warmup"]][0] - marks[0][0], 1),
+    )
+    if device == "cuda":
+        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:  # ru_maxrss is in KiB on Linux: the whole process, model load included
+        result["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if spec.get("peak_flops"):
+        mean_len = sum(len(x) for x in data["input_ids"]) / len(data)  # the span causal attention covers
+        achieved = flops_per_token(model.config, mean_len) * result["tokens_per_s"]
+        result["tflops"] = round(achieved / 1e12, 3)
+        result["mfu"] = round(achieved / spec["peak_flops"], 4)
+    return result
+
+
+# ---------------------------------------------------------------- driver
+
+def run_in_subprocess(spec: dict) -> dict:
+    """One recipe in a fresh interpreter: clean peak memory, no compiled graphs or threads carried over."""
+    proc = subprocess.run([sys.executable, __file__, "--_recipe", json.dumps(spec)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+    raise SystemExit(f"recipe {spec['name']} failed (exit {proc.returncode}):\n{tail}")
+
+
+def machine_name(gpu: bool) -> str:
+    if gpu:
+        import torch
+
+        return torch.cuda.get_device_name(0).replace(" ", "-").lower() if torch.cuda.is_available() else "cpu-smoke"
+    return f"cpu-{os.cpu_count()}core"
+
+
+def print_table(results: dict, reference: str) -> None:
+    ref = results[reference]["tokens_per_s"]
+    cols = "recipe              real tok/s  median/step  vs ref  padding  peak GB  warm-up s  MFU"
+    print(cols)
+    for name, r in results.items():
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(f"{name:<20}{r['tokens_per_s']:>10.1f}  {r['tokens_per_s_median_step']:>11.1f}  "
+              f"{r['tokens_per_s'] / ref:>5.2f}x  {r['padding_fraction']:>7.1%}  {r['peak_memory_gb']:>7.2f}  "
+              f"{r['warmup_s']:>9.1f}  {mfu}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default=None, help="comma-separated names (default: the main ones for the mode)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per recipe")
+    parser.add_argument("--warmup", type=int, default=1, help="optimizer steps run first and not timed")
+    parser.add_argument("--batch_size", type=int, default=16, help="records per optimizer step (all recipes)")
+    parser.add_argument("--micro_batch", type=int, default=4, help="records per forward pass (unless a recipe says)")
+    parser.add_argument("--cutoff_len", type=int, default=256)
+    parser.add_argument("--prep_records", type=int, default=52_000, help="records for the data-preparation timing (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--gpu", action="store_true", help="random LLaMA shapes on the GPU, with MFU")
+    parser.add_argument("--size", default="7b", choices=sorted(LLAMA_SHAPES), help="--gpu model shape")
+    parser.add_argument("--smoke", action="store_true", help="the --gpu code path with a tiny model and 1+1 steps")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the embedded SmolLM2's)")
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "alpaca-lora-bench"))
+    parser.add_argument("--peak_tflops", type=float, default=H100_BF16_FLOPS / 1e12, help="MFU denominator")
+    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<machine>.json)")
+    parser.add_argument("--_recipe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._recipe:  # child process
+        print("RESULT " + json.dumps(run_recipe(json.loads(args._recipe))), flush=True)
+        return
+
+    from utils.models import load_tokenizer, resolve_base_model
+
+    gpu = args.gpu or args.smoke
+    if args.smoke:
+        args.size, args.steps, args.warmup, args.batch_size, args.prep_records = "tiny", 1, 1, 16, 2000
+    tokenizer_dir = args.tokenizer or resolve_base_model(None)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    table = GPU_RECIPES if gpu else CPU_RECIPES
+    names = args.recipes.split(",") if args.recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
+    common = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, micro_batch=args.micro_batch,
+                  cutoff_len=args.cutoff_len, seed=42, threads=args.threads, tokenizer=tokenizer_dir, base_model=None)
+    if gpu:
+        import torch
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        path = llama_checkpoint(args.size, len(tokenizer), Path(args.work_dir), dtype)
+        common.update(base_model=str(path), peak_flops=args.peak_tflops * 1e12)
+
+    report = dict(machine=machine_name(gpu), cpu=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                  model=f"random LLaMA-{args.size}" if gpu else "SmolLM2-135M (embedded)",
+                  settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model")},
+                  lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj")
+    if args.prep_records:
+        report["data_prep"] = time_data_prep(tokenizer, args.prep_records, args.cutoff_len)
+        p = report["data_prep"]
+        print(f"data preparation, {p['records']} records: original per-record map {p['reference_s']} s, "
+              f"batched map {p['project_s']} s ({p['speedup']}x), same tokens: {p['same_tokens']}", flush=True)
+    output = Path(args.output or REPO / "benchmarks" / "results" / f"{report['machine']}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    results = report["results"] = {}
+    for name in names:
+        spec = dict(common, name=name, **table[name])
+        if args.smoke and "quantization" in spec and spec["quantization"] != "none":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                print(f"{name}: skipped (no bitsandbytes)")
+                continue
+        load = os.getloadavg()[0]
+        results[name] = r = run_in_subprocess(spec)
+        r["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]  # other work on the machine, before/after
+        print(f"{name}: {r['tokens_per_s']} real tokens/s, padding {r['padding_fraction']:.1%}, "
+              f"peak {r['peak_memory_gb']} GB, losses {r['losses']}", flush=True)
+        reference = "reference" if "reference" in results else next(iter(results))
+        report["speedup_vs_reference"] = {n: round(r["tokens_per_s"] / results[reference]["tokens_per_s"], 2)
+                                          for n, r in results.items()}
+        output.write_text(json.dumps(report, indent=2) + "\n")  # after every recipe: a cut-short run keeps its figures
+    print()
+    print_table(results, reference)
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
