@@ -208,6 +208,25 @@ def test_cli_help_lists_every_flag():
     assert out.count("Default:") >= len(original)
 
 
+def test_readme_flag_table_matches_the_code():
+    """The README's "All flags" table lists every flag of finetune.train with its real default and help text."""
+    import inspect
+    import re
+
+    readme = (REPO / "README.md").read_text().split("### All flags", 1)[1].split("\n## ", 1)[0]
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `--(\w+)` \| `(.*?)` \| (.*) \|$", readme, re.M)}
+    doc = inspect.getdoc(finetune.train)
+    for name, param in inspect.signature(finetune.train).parameters.items():
+        assert name in rows, f"--{name} is missing from the README's flag table"
+        default, meaning = rows[name]
+        expected = str(param.default).replace(f"{REPO}/", "")  # the shipped data's path, relative to the repository
+        expected = "[q_proj,v_proj]" if name == "lora_target_modules" else expected
+        assert default == expected, (name, default, expected)
+        help_line = re.search(rf"^\s+{name}: (.*)$", doc, re.M)[1]
+        assert meaning.replace("\\|", "|") == help_line, name
+    assert set(rows) == set(inspect.signature(finetune.train).parameters), "the README lists flags the code lacks"
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "finetune.py", "--data_path", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "o")],
