@@ -358,7 +358,9 @@ def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, s
                         placeholder="empty: the chat template's default" + (f" ({chat.name})" if chat.name else ""))
     with gr.Accordion("Generation settings", open=False):
         controls = settings_controls(gr, defaults, stream, generator.context_length)
-    ui = gr.ChatInterface(respond, additional_inputs=[system, *controls], api_name="chat", fill_height=False)
+    message = gr.Textbox(placeholder="Type a message...", show_label=False, container=False, scale=7, elem_id="message",
+                         submit_btn=True, stop_btn=True)  # ChatInterface's own box, with an id to find it by
+    ui = gr.ChatInterface(respond, textbox=message, additional_inputs=[system, *controls], api_name="chat", fill_height=False)
     # The chat's own Stop button also ends the running generation (not only the event that streams it).
     ui.textbox.stop(stop_session, None, None, queue=False, api_visibility="undocumented")
 

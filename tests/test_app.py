@@ -22,8 +22,8 @@ DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=100)
 
 
 def echo(prompt: str) -> str:
-    """The scripted answer: it quotes the instruction, so every request can tell its answer from another's."""
-    return "You asked: " + re.search(r"### Instruction:\n(.*?)\n\n###", prompt, re.S).group(1)
+    """The scripted answer: it quotes the (last) instruction, so every request can tell its answer from another's."""
+    return "You asked: " + re.findall(r"### Instruction:\n(.*?)\n\n###", prompt, re.S)[-1]
 
 
 def ask(instruction, input="", temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=100, stream=True):
@@ -235,6 +235,35 @@ def test_browser_streams_the_answer_and_fills_examples(gen, url, browser):
     page.wait_for_function("document.querySelector('#input textarea').value.length > 0", timeout=5000)
     assert page.input_value("#instruction textarea") == "Translate the sentence into Spanish."
     assert page.input_value("#input textarea") == "I have no mouth but I must scream."
+    page.close()
+
+
+def test_browser_chat_tab_streams_and_keeps_the_history(gen, url, runs, browser):
+    """Two messages in the Chat tab: each answer streams into the chat, the second prompt holds the first exchange."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name="Chat").click()
+    page.fill("#system textarea", "Answer briefly.")
+    bots = page.locator("[data-testid='bot']")
+    for turn, message in enumerate(("Who are you?", "Tell me about alpacas.")):
+        page.fill("#message textarea", message)
+        seen, deadline = [], time.time() + 30
+        with slowed(gen.model, 0.05):
+            page.press("#message textarea", "Enter")
+            while time.time() < deadline and (not seen or seen[-1] != f"You asked: {message}"):
+                text = bots.nth(turn).inner_text() if bots.count() > turn else ""  # this turn's answer, as it grows
+                if text.strip() and (not seen or text != seen[-1]):
+                    seen.append(text)
+                time.sleep(0.02)
+        assert seen and seen[-1] == f"You asked: {message}", seen
+        assert len(seen) >= 3 and all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen  # it streamed
+    assert page.locator("[data-testid='user']").all_inner_texts() == ["Who are you?", "Tell me about alpacas."]
+    assert page.locator("[data-testid='bot']").all_inner_texts() == ["You asked: Who are you?", "You asked: Tell me about alpacas."]
+    second = runs[-1]["prompt"]  # what the model was given for the second answer: the whole conversation
+    assert second.startswith("Answer briefly.") and second.endswith("### Instruction:\nTell me about alpacas.\n\n### Response:\n")
+    assert "### Instruction:\nWho are you?\n\n### Response:\nYou asked: Who are you?" in second
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-tiny.png"), full_page=True)
     page.close()
 
 
