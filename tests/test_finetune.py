@@ -107,6 +107,30 @@ def test_adapter_dir_warm_starts_a_new_run(trained, tiny_model, alpaca_file, tmp
     assert logged(out / "checkpoint-1", "loss")[0][0] == 1
 
 
+def test_bf16_mixed_precision_on_cpu(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """--bf16 True trains under bf16 autocast on CPU (fp32 master weights); the default on CPU stays fp32."""
+    import finetune as ft
+
+    seen = []
+    build = ft.build_trainer
+    monkeypatch.setattr(ft, "build_trainer", lambda *a, **k: seen.append(build(*a, **k)) or seen[-1])
+    run_train(tiny_model, alpaca_file, tmp_path / "fp32", max_steps=1, val_set_size=0)
+    out = run_train(tiny_model, alpaca_file, tmp_path / "bf16", max_steps=2, val_set_size=0, bf16=True)
+    assert [t.args.bf16 for t in seen] == [False, True]
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # master weights stay fp32
+    assert all(loss > 0 for _, loss in logged(out / "checkpoint-2", "loss"))
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
+    from utils import models
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(UserError, match="this GPU has no bf16"):
+        models.check_bf16(True, "cuda")
+    models.check_bf16(None, "cuda")  # unset: fp16 with loss scaling, no error
+
+
 def test_8bit_and_4bit_train_on_cpu(tiny_model, alpaca_file, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     for quantization in ("8bit", "4bit"):

@@ -102,6 +102,12 @@ def pick_dtype(device: str) -> torch.dtype:
     return torch.float16 if device == "mps" else torch.float32
 
 
+def check_bf16(bf16: Optional[bool], device: str) -> None:
+    """--bf16 True needs bf16 arithmetic: a GPU from Ampere on, or a CPU (where it is fast only with AMX)."""
+    if bf16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise UserError("--bf16: this GPU has no bf16 (it predates Ampere); leave --bf16 unset for fp16 with loss scaling")
+
+
 def pick_quantization(quantization: str, device: str) -> str:
     """Resolve "auto" (8-bit on CUDA as in the original, full precision elsewhere, where it is faster)."""
     if quantization not in QUANTIZATIONS:
