@@ -115,7 +115,7 @@ def free_port() -> int:
 @contextmanager
 def serving(app, auth=None):
     """The demo launched on 127.0.0.1 in this process; yields its URL and closes it afterwards."""
-    from generate import launch
+    from utils.demo import launch
 
     port = free_port()
     launch(app, server_name="127.0.0.1", server_port=port, share=False, auth=auth, block=False)

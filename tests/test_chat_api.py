@@ -14,6 +14,7 @@ from gen_helpers import never_eos, scripted, serving, slowed
 import generate
 from utils.api import ApiSettings
 from utils.chat import load_chat_template
+from utils import demo
 from utils.generation import Settings, load_generator
 
 DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=32)
@@ -40,7 +41,7 @@ def chat(gen):
 
 @pytest.fixture(scope="module")
 def url(gen, chat):
-    with serving(generate.build_app(gen, DEFAULTS, chat=chat, api=API), auth=AUTH) as url:
+    with serving(demo.build_app(gen, DEFAULTS, chat=chat, api=API), auth=AUTH) as url:
         yield url
 
 
@@ -156,7 +157,7 @@ def test_chat_tab_keeps_the_history(gen, chat, prompts):
     """The Chat tab through gradio_client: the second message is rendered after the first exchange; no /v1 without --api."""
     from gradio_client import Client
 
-    with serving(generate.build_app(gen, DEFAULTS, chat=chat)) as url:
+    with serving(demo.build_app(gen, DEFAULTS, chat=chat)) as url:
         client = Client(url, verbose=False)
         settings = (0, 0.75, 40, 1, 32, True)  # temperature, top_p, top_k, beams, max new tokens, stream
         with scripted(gen.model, says(gen, "I am Vicuna.")):

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from gen_helpers import ARTIFACTS, REPO, answering, free_port, make_adapter, serving, slowed
 
-import generate
+from utils import demo
 from utils.generation import Settings, load_generator
 
 DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=100)
@@ -47,7 +47,7 @@ def runs(gen):
 @pytest.fixture(scope="module")
 def url(gen, runs):
     """The demo (default concurrency limit: 4) serving the tiny model + adapter."""
-    with serving(generate.build_app(gen, DEFAULTS, title="tiny")) as url:
+    with serving(demo.build_app(gen, DEFAULTS, title="tiny")) as url:
         yield url
 
 
@@ -112,7 +112,7 @@ def test_answer_ends_where_the_model_starts_another_section(gen, url, header):
     ("### Step 1: shear\nthe alpaca", ("### Step 1: shear\nthe alpaca", False)),  # a markdown heading stays
 ])
 def test_first_answer(text, expected):
-    assert generate.first_answer(text, "### Response:") == expected
+    assert demo.first_answer(text, "### Response:") == expected
 
 
 def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
@@ -151,7 +151,7 @@ def test_empty_instruction_is_a_visible_error(url, instruction):
 
 
 def test_auth_is_enforced(gen, runs):
-    with serving(generate.build_app(gen, DEFAULTS), auth=("alpaca", "pass:word")) as url:
+    with serving(demo.build_app(gen, DEFAULTS), auth=("alpaca", "pass:word")) as url:
         with pytest.raises(urllib.error.HTTPError) as refused:  # the API is closed too, not just the login page
             urllib.request.urlopen(url + "config", timeout=10)
         assert refused.value.code == 401

@@ -1,0 +1,212 @@
+"""generate.py's Gradio demo: an Instruction tab and a Chat tab streaming from one Generator, a Stop that ends only
+its own user's answer, and the launch (with the OpenAI-compatible /v1 routes of utils.api when asked)."""
+
+import re
+import sys
+import threading
+import traceback
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from utils.cli import UserError
+
+QUEUE_SIZE = 100  # waiting requests beyond this are turned away with "queue is full" instead of piling up
+EXAMPLES = [  # the original's test prompts, one click away
+    ["Tell me about alpacas.", ""],
+    ["Write a Python program that prints the first 10 Fibonacci numbers.", ""],
+    ["Write a program that prints the numbers from 1 to 100. But for multiples of three print 'Fizz' instead of the "
+     "number and for the multiples of five print 'Buzz'. For numbers which are multiples of both three and five "
+     "print 'FizzBuzz'.", ""],
+    ["Translate the sentence into Spanish.", "I have no mouth but I must scream."],
+    ["Tell me about the president of Mexico in 2019.", ""],
+    ["Tell me about the king of France in 2019.", ""],
+]
+
+
+class SessionStops:
+    """The stop events of the generations running for each browser session: Stop ends only its own user's."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.events: dict[Optional[str], set[threading.Event]] = defaultdict(set)
+
+    @contextmanager
+    def register(self, session: Optional[str]) -> Iterator[threading.Event]:
+        event = threading.Event()
+        with self.lock:
+            self.events[session].add(event)
+        try:
+            yield event
+        finally:
+            with self.lock:
+                self.events[session].discard(event)
+                if not self.events[session]:
+                    del self.events[session]
+
+    def stop(self, session: Optional[str]) -> None:
+        with self.lock:
+            for event in self.events.get(session, ()):
+                event.set()
+
+
+def make_answer_fn(generator, stops: SessionStops):
+    """The demo's event handler: yields the growing answer (response part only), or raises a visible gr.Error."""
+    import gradio as gr
+
+    from utils.generation import Settings
+
+    def answer(instruction: str, input: str, temperature: float, top_p: float, top_k: int, num_beams: int,
+               max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
+        if not (instruction or "").strip():
+            raise gr.Error("Type an instruction first.", print_exception=False)
+        settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
+        session = getattr(request, "session_hash", None)
+        marker = generator.prompter.template["response_split"]
+        try:
+            prompt = generator.render(instruction, input)
+            with stops.register(session) as stop:
+                if stream:
+                    text = ""
+                    with generator.stream(prompt, settings, stop) as pieces:
+                        for piece in pieces:
+                            text += piece
+                            answer, ended = first_answer(text, marker)
+                            yield answer
+                            if ended:  # leaving the stream stops the generation: no compute on unseen text
+                                break
+                else:
+                    yield first_answer(generator.complete([prompt], settings, stop)[0].text, marker)[0]
+        except UserError as err:  # too long for the context, bad settings: this user's message only
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:  # e.g. out of GPU memory: tell this user, keep serving the others
+            traceback.print_exc()
+            raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
+
+    return answer
+
+
+def first_answer(text: str, marker: str) -> tuple[str, bool]:
+    """The text before the model starts another section, and whether it did.
+
+    A base model without an adapter rambles on past its answer with "### Response:", "### Explanation:" ...
+    sections; the original demo cut its answers at the next response marker, and this also cuts at any line that
+    is a "### Title:" header of that kind."""
+    found = re.search(rf"{re.escape(marker)}|^### [^\n]{{1,40}}:[ \t]*\n", text, re.M)
+    return (text[:found.start()].strip(), True) if found else (text.lstrip(), False)
+
+
+def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = 4, chat=None, api=None):
+    """The gr.Blocks demo: an Instruction tab (instruction + input, the original's controls, a streamed output, Stop,
+    examples) and a Chat tab (a conversation rendered by `chat`, default: the tokenizer's template or alpaca_chat).
+
+    API endpoints (gradio_client): /generate (instruction, input, temperature, top_p, top_k, num_beams,
+    max_new_tokens, stream) streams the answer; /stop stops the calling session's answers; /chat (message,
+    system prompt, the same settings) answers in the chat. With `api` (utils.api.ApiSettings), launch() also
+    serves the OpenAI-compatible /v1 routes."""
+    import gradio as gr
+
+    from utils.chat import load_chat_template
+
+    chat = chat or load_chat_template("", generator.tokenizer)
+    stops = SessionStops()
+    with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
+        gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions and chats, answers stream as they are written.")
+        with gr.Tab("Instruction"):
+            with gr.Row():
+                with gr.Column():
+                    instruction = gr.Textbox(lines=2, label="Instruction", placeholder="Tell me about alpacas.", elem_id="instruction")
+                    input = gr.Textbox(lines=2, label="Input", placeholder="none", elem_id="input")
+                    with gr.Row():
+                        submit = gr.Button("Submit", variant="primary", elem_id="submit")
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    controls = settings_controls(gr, defaults, stream, generator.context_length)
+                with gr.Column():
+                    output = gr.Textbox(lines=14, label="Output", elem_id="output", buttons=["copy"], autoscroll=True)
+            gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
+
+            event = gr.on(
+                [submit.click, instruction.submit], make_answer_fn(generator, stops),
+                inputs=[instruction, input, *controls], outputs=output, api_name="generate",
+            )
+
+        def stop_session(request: gr.Request) -> None:
+            stops.stop(getattr(request, "session_hash", None))
+
+        # Stop sets this session's events (generation ends after the current token) and drops its queued requests.
+        stop.click(stop_session, None, None, cancels=[event], queue=False, api_name="stop")
+        with gr.Tab("Chat"):
+            chat_tab(gr, generator, chat, defaults, stream, stops, stop_session)
+    if api is not None:  # the OpenAI-compatible routes, made by launch() which knows the credentials
+        from utils.api import build_router
+
+        app.openai_routes = lambda credentials: build_router(generator, chat, defaults, api, credentials).routes
+    return app.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_SIZE)
+
+
+def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, stop_session) -> None:
+    """A conversation with history: a system prompt box, the same settings, the answers streamed into the chat."""
+    from utils.chat import chat_messages
+    from utils.generation import Settings
+
+    def respond(message: str, history: list, system: str, temperature: float, top_p: float, top_k: int,
+                num_beams: int, max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
+        if not (message or "").strip():
+            raise gr.Error("Type a message first.", print_exception=False)
+        settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
+        try:
+            prompt = chat.render(chat_messages(system, history, message), add_generation_prompt=True)
+            with stops.register(getattr(request, "session_hash", None)) as stop:
+                if not stream:
+                    yield generator.complete([prompt], settings, stop)[0].text
+                    return
+                text = ""
+                with generator.stream(prompt, settings, stop) as pieces:
+                    for piece in pieces:
+                        text += piece
+                        yield text.strip()
+        except UserError as err:  # a conversation grown past the context, bad settings: this user's message only
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:
+            traceback.print_exc()
+            raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
+
+    system = gr.Textbox(lines=1, label="System prompt", elem_id="system",
+                        placeholder="empty: the chat template's default" + (f" ({chat.name})" if chat.name else ""))
+    with gr.Accordion("Generation settings", open=False):
+        controls = settings_controls(gr, defaults, stream, generator.context_length)
+    message = gr.Textbox(placeholder="Type a message...", show_label=False, container=False, scale=7, elem_id="message",
+                         submit_btn=True, stop_btn=True)  # ChatInterface's own box, with an id to find it by
+    ui = gr.ChatInterface(respond, textbox=message, additional_inputs=[system, *controls], api_name="chat", fill_height=False)
+    # The chat's own Stop button also ends the running generation (not only the event that streams it).
+    ui.textbox.stop(stop_session, None, None, queue=False, api_visibility="undocumented")
+
+
+def settings_controls(gr, defaults, stream: bool, context_length: Optional[int]) -> list:
+    """Sliders with the original's defaults and ranges, and the stream switch."""
+    longest = min(2000, context_length or 2000)
+    return [
+        gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature", info="0: no sampling (greedy or beam search)"),
+        gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p"),
+        gr.Slider(0, 100, value=defaults.top_k, step=1, label="Top k", info="0: no limit"),
+        gr.Slider(1, 4, value=min(defaults.num_beams, 4), step=1, label="Beams",
+                  info="Beam search needs Stream off: streaming always uses 1 beam"),
+        gr.Slider(1, longest, value=min(defaults.max_new_tokens, longest), step=1, label="Max new tokens"),
+        gr.Checkbox(value=stream, label="Stream output", info="Show the answer token by token (with 1 beam)"),
+    ]
+
+
+def launch(app, server_name: str, server_port: int, share: bool, auth, block: bool = True):
+    """Start the server (with the OpenAI-compatible routes when build_app got `api`, behind the same `auth`);
+    a busy port is a one-line error, not a traceback."""
+    make_routes = getattr(app, "openai_routes", None)
+    routes = make_routes(auth) if make_routes else None
+    if routes:
+        print(f"OpenAI-compatible API at http://{server_name}:{server_port}/v1 (/v1/chat/completions, /v1/models)",
+              file=sys.stderr, flush=True)
+    try:
+        return app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth,
+                          prevent_thread_lock=not block, footer_links=["api", "gradio"],
+                          app_kwargs={"routes": routes} if routes else None)
+    except OSError as err:
+        raise UserError(f"cannot serve on {server_name}:{server_port} ({err}); pass another --server_port") from None
