@@ -3,12 +3,16 @@
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
 # On CPUs with AVX512-BF16, importing bitsandbytes (which transformers' Trainer does) warns that an optional fast
 # 4-bit kernel could not be fetched from the Hugging Face Hub and tells the user to install `kernels`. Its built-in
 # CPU kernel works without it, and fetching would need the network: the warning is noise in every one-line error.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft 0.21 still asks every model for the renamed `is_gradient_checkpointing`: a warning about peft's code that a
+# user of these scripts can do nothing about, printed on every run.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class UserError(Exception):
