@@ -65,10 +65,10 @@ RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${A
     && python -c "import torch; cuda = torch.version.cuda; print('torch', torch.__version__, 'CUDA', cuda); \
 assert (cuda is None) == ('${ALPACA_LORA_TORCH_INDEX}' == 'cpu'), 'torch build does not match the image variant'"
 
-# The code: scripts, helpers, prompt templates and the shipped Alpaca sample (finetune.py's default data).
+# The code: scripts, helpers, prompt templates, the shipped Alpaca sample (finetune.py's default data) and evaluate.py's prompts.
 COPY utils/ utils/
 COPY templates/ templates/
-COPY data/alpaca_en_demo.json data/
+COPY data/alpaca_en_demo.json data/eval_prompts.json data/
 COPY *.py ./
 
 USER ${UID}:${UID}
