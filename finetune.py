@@ -110,7 +110,7 @@ def train(
     prompter = Prompter(prompt_template_name, verbose=True)
     device = models.pick_device("auto")
     quantization = models.pick_quantization(quantization, device)
-    models.check_bf16(bf16, device)
+    dtype = models.pick_dtype(device, bf16)
     records = load_records(data_path, column_map)
     val_size = resolve_val_set_size(val_set_size, len(records))
     out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
@@ -134,12 +134,12 @@ def train(
     val_data = tokenize_records(val_records, **prepare) if val_records is not None else None
 
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
-        f"({'full precision' if quantization == 'none' else quantization}, {models.pick_dtype(device)})")
+        f"({'full precision' if quantization == 'none' else quantization}, {dtype})")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_map = device_map or ({"": local_rank} if world_size > 1 and device == "cuda" else None)
     if device_map == "auto" and world_size > 1:
         raise UserError("--device_map auto (one process over all GPUs) cannot be combined with torchrun/accelerate ranks")
-    model = models.load_model(base_path, quantization, device, device_map=device_map)
+    model = models.load_model(base_path, quantization, device, device_map=device_map, dtype=dtype)
     from transformers import set_seed
 
     set_seed(seed)  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
@@ -219,13 +219,14 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from utils import models
     from utils.metrics import ProgressReport
     from utils.training import LossGuard, data_collator
 
     steps_per_epoch = max(1, len(train_data) // (micro_batch_size * grad_accum * world_size))
     total_steps = max_steps if max_steps > 0 else int(steps_per_epoch * num_epochs)
-    if bf16 is None:
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    if bf16 is None:  # what the weights were loaded in (see models.pick_dtype); on CPU: fp32, no autocast
+        bf16 = models.pick_dtype(device) == torch.bfloat16
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=micro_batch_size,

@@ -127,8 +127,11 @@ def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(UserError, match="this GPU has no bf16"):
-        models.check_bf16(True, "cuda")
-    models.check_bf16(None, "cuda")  # unset: fp16 with loss scaling, no error
+        models.pick_dtype("cuda", bf16=True)
+    assert models.pick_dtype("cuda") == torch.float16  # unset: fp16 with loss scaling, no error
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert (models.pick_dtype("cuda"), models.pick_dtype("cuda", bf16=False)) == (torch.bfloat16, torch.float16)
+    assert models.pick_dtype("cpu", bf16=True) == torch.float32  # on CPU: bf16 autocast over fp32 weights
 
 
 def test_8bit_and_4bit_train_on_cpu(tiny_model, alpaca_file, tmp_path, capsys):

@@ -95,17 +95,15 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older GPUs and MPS, fp32 on CPU."""
+def pick_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
+    """The weights' dtype: bf16 on GPUs that have it, fp16 on older GPUs and MPS, fp32 on CPU (where --bf16 means
+    bf16 autocast over fp32 weights). On a GPU, --bf16 True/False picks bf16 or fp16 (with loss scaling)."""
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if bf16 and not torch.cuda.is_bf16_supported():
+            raise UserError("--bf16: this GPU has no bf16 (it predates Ampere); leave --bf16 unset for fp16 with loss scaling")
+        use_bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+        return torch.bfloat16 if use_bf16 else torch.float16
     return torch.float16 if device == "mps" else torch.float32
-
-
-def check_bf16(bf16: Optional[bool], device: str) -> None:
-    """--bf16 True needs bf16 arithmetic: a GPU from Ampere on, or a CPU (where it is fast only with AMX)."""
-    if bf16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise UserError("--bf16: this GPU has no bf16 (it predates Ampere); leave --bf16 unset for fp16 with loss scaling")
 
 
 def pick_quantization(quantization: str, device: str) -> str:
