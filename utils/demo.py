@@ -60,30 +60,38 @@ def make_answer_fn(generator, stops: SessionStops):
                max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
         if not (instruction or "").strip():
             raise gr.Error("Type an instruction first.", print_exception=False)
-        settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
-        session = getattr(request, "session_hash", None)
         marker = generator.prompter.template["response_split"]
-        try:
-            prompt = generator.render(instruction, input)
-            with stops.register(session) as stop:
-                if stream:
-                    text = ""
-                    with generator.stream(prompt, settings, stop) as pieces:
-                        for piece in pieces:
-                            text += piece
-                            answer, ended = first_answer(text, marker)
-                            yield answer
-                            if ended:  # leaving the stream stops the generation: no compute on unseen text
-                                break
-                else:
-                    yield first_answer(generator.complete([prompt], settings, stop)[0].text, marker)[0]
-        except UserError as err:  # too long for the context, bad settings: this user's message only
-            raise gr.Error(str(err), print_exception=False) from None
-        except Exception as err:  # e.g. out of GPU memory: tell this user, keep serving the others
-            traceback.print_exc()
-            raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
+        yield from answer_for(generator, stops, request, lambda: generator.render(instruction, input),
+                              Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
+                              cut=lambda text: first_answer(text, marker))
 
     return answer
+
+
+def answer_for(generator, stops: SessionStops, request, render, settings, stream: bool, cut) -> Iterator[str]:
+    """One request's answer as a handler yields it, growing when streamed: `render()` builds the prompt, `cut(text)`
+    gives (what to show, whether the answer ended). Stop ends it for this session; errors are this user's alone."""
+    import gradio as gr
+
+    try:
+        prompt = render()
+        with stops.register(getattr(request, "session_hash", None)) as stop:
+            if not stream:
+                yield cut(generator.complete([prompt], settings, stop)[0].text)[0]
+                return
+            text = ""
+            with generator.stream(prompt, settings, stop) as pieces:
+                for piece in pieces:
+                    text += piece
+                    shown, ended = cut(text)
+                    yield shown
+                    if ended:  # leaving the stream stops the generation: no compute on unseen text
+                        break
+    except UserError as err:  # too long for the context, bad settings or conversation: this user's message only
+        raise gr.Error(str(err), print_exception=False) from None
+    except Exception as err:  # e.g. out of GPU memory: tell this user, keep serving the others
+        traceback.print_exc()
+        raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
 
 
 def first_answer(text: str, marker: str) -> tuple[str, bool]:
@@ -153,23 +161,10 @@ def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, s
                 num_beams: int, max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
         if not (message or "").strip():
             raise gr.Error("Type a message first.", print_exception=False)
-        settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens)
-        try:
-            prompt = chat.render(chat_messages(system, history, message), add_generation_prompt=True)
-            with stops.register(getattr(request, "session_hash", None)) as stop:
-                if not stream:
-                    yield generator.complete([prompt], settings, stop)[0].text
-                    return
-                text = ""
-                with generator.stream(prompt, settings, stop) as pieces:
-                    for piece in pieces:
-                        text += piece
-                        yield text.strip()
-        except UserError as err:  # a conversation grown past the context, bad settings: this user's message only
-            raise gr.Error(str(err), print_exception=False) from None
-        except Exception as err:
-            traceback.print_exc()
-            raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
+        yield from answer_for(generator, stops, request,
+                              lambda: chat.render(chat_messages(system, history, message), add_generation_prompt=True),
+                              Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
+                              cut=lambda text: (text.strip(), False))
 
     system = gr.Textbox(lines=1, label="System prompt", elem_id="system",
                         placeholder="empty: the chat template's default" + (f" ({chat.name})" if chat.name else ""))
