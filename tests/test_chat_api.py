@@ -12,9 +12,10 @@ import pytest
 from gen_helpers import never_eos, scripted, serving, slowed
 
 import generate
+from utils import demo
 from utils.api import ApiSettings
 from utils.chat import load_chat_template
-from utils import demo
+from utils.cli import UserError
 from utils.generation import Settings, load_generator
 
 DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=32)
@@ -175,3 +176,14 @@ def test_api_flag_reaches_the_app(tiny_model, monkeypatch):
     generate.main(base_model=str(tiny_model), api=True, api_max_tokens=100, auth="alice:pw", chat_template="alpaca_chat")
     routes = [r.path for r in seen["app"].openai_routes(seen["auth"])]
     assert routes == ["/v1/chat/completions", "/v1/models"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(api_max_tokens=0), "--api_max_tokens must be at least 1"),
+    (dict(api_max_input_tokens=-1), "--api_max_input_tokens at least 0"),
+    (dict(chat_template="no_such_template"), "no_such_template"),
+])
+def test_bad_api_and_chat_flags_are_one_line_before_serving(tiny_model, monkeypatch, flags, message):
+    monkeypatch.setattr(generate, "launch", lambda *a, **k: pytest.fail("the server must not start"))
+    with pytest.raises(UserError, match=message):
+        generate.main(base_model=str(tiny_model), api=True, **flags)
