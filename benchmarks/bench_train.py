@@ -12,9 +12,11 @@ Writes benchmarks/results/<machine>.json and prints a table.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -147,8 +149,6 @@ def run_recipe(spec: dict) -> dict:
     device = models.pick_device("auto")
     tokenizer = models.load_tokenizer(spec["tokenizer"])
     records = load_records(str(REPO / "data" / "alpaca_en_demo.json"))
-    import random
-
     random.Random(spec["seed"]).shuffle(records)
     n_records = spec["batch_size"] * (spec["steps"] + spec["warmup"])
     data = tokenize_records(records[:n_records], tokenizer, Prompter("alpaca"), spec["cutoff_len"], True, True)
@@ -319,12 +319,9 @@ def main():
     results = report["results"] = {}
     for name in names:
         spec = dict(common, name=name, **table[name])
-        if args.smoke and "quantization" in spec and spec["quantization"] != "none":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                print(f"{name}: skipped (no bitsandbytes)")
-                continue
+        if args.smoke and spec.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            print(f"{name}: skipped (no bitsandbytes)")
+            continue
         load = os.getloadavg()[0]
         results[name] = r = run_in_subprocess(spec)
         r["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]  # other work on the machine, before/after
