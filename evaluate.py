@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from utils.cli import UserError, log, run
+from utils.cli import UserError, check_writable, log, run
 
 
 def main(
@@ -63,6 +63,9 @@ def main(
         quantization: none | 8bit | 4bit | auto (8bit on CUDA) for loading the base model.
         device: auto (CUDA, then Apple MPS, then CPU) | cuda | cuda:N | mps | cpu.
     """
+    from utils.checks import check_values
+
+    check_values(locals())
     from utils import evaluation
     from utils.data import DEFAULT_DATA
     from utils.generation import Settings, load_generator
@@ -92,6 +95,7 @@ def main(
     records = evaluation.held_out_records(data_path, val_set_size, config["seed"], config["column_map"]) if loss else None
     prompts = evaluation.load_prompts(config["prompts_path"]) if answers else None
     out = Path(output_dir or Path(lora_weights) / "evaluation")
+    check_writable(str(out), "output_dir")
 
     generator = load_generator(config["base_model"], lora_weights, quantization, device, config["prompt_template"])
     losses = rows = None

@@ -26,15 +26,13 @@ def export(
 
     from utils import export as ex
     from utils.export_gguf import check_gguf, merge_dtype, resolve_outtype, write_gguf
-    from utils.models import resolve_base_model
 
     outtype = resolve_outtype(outtype)
     output_file = output_file or f"./exports/alpaca-lora-{outtype}.gguf"
     start = time.perf_counter()
     with ex.atomic_output_file(output_file, overwrite) as tmp:
-        adapter = ex.check_lora_weights(lora_weights)
-        base_path = resolve_base_model(base_model)
-        check_gguf(ex.load_config(base_path))
+        base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
+        check_gguf(config)
         log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(merge_dtype(outtype))}")
         model = ex.load_merged(base_path, adapter, merge_dtype(outtype))
         write_gguf(model, tmp, outtype, base_path, name=ex.describe(base_model, adapter))

@@ -25,13 +25,12 @@ def export(
     import torch
 
     from utils import export as ex
+    from utils.checks import check_values
     from utils.export_onnx import check_onnx, write_onnx
-    from utils.models import resolve_base_model
 
+    check_values(locals())
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
-        adapter = ex.check_lora_weights(lora_weights)
-        base_path = resolve_base_model(base_model)
-        ex.load_config(base_path)
+        base_path, adapter, _ = ex.check_inputs(base_model, lora_weights)
         log(f"Merging {ex.describe(base_model, adapter)} in float32")
         model = ex.load_merged(base_path, adapter, torch.float32)  # ONNX Runtime's CPU kernels are float32
         path = write_onnx(model, tmp)

@@ -25,13 +25,12 @@ def export(
         overwrite_output_dir: Replace an existing export in output_dir (the old one is deleted only on success).
     """
     from utils import export as ex
+    from utils.checks import check_values
     from utils.export_meta import check_meta, write_meta
-    from utils.models import resolve_base_model
 
+    check_values(locals())
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
-        adapter = ex.check_lora_weights(lora_weights)
-        base_path = resolve_base_model(base_model)
-        config = ex.load_config(base_path)
+        base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
         check_meta(config, num_shards)
         torch_dtype = ex.resolve_dtype(dtype, config)
         log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(torch_dtype)}")

@@ -10,7 +10,6 @@ from typing import Optional, Union
 
 from utils.chat import load_chat_template
 from utils.cli import UserError, log, run
-from utils.metrics import write_reports
 from utils.data import DEFAULT_DATA, load_records, resolve_val_set_size, split_records, tokenize_records
 from utils.prompts import Prompter
 
@@ -102,43 +101,60 @@ def train(
         seed: Seed for the data split, shuffling and LoRA initialisation.
     """
     arguments = dict(locals())  # recorded in output_dir/training_args.json
+    # Every input is checked before the model loads (and the cheap checks before the slow ones): a mistake costs
+    # seconds, not a training run.
+    from utils.checks import check_values
+
+    check_values(arguments)
     from utils import models, training
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     target_modules = parse_target_modules(lora_target_modules)
     grad_accum = training.check_batch_sizes(batch_size, micro_batch_size, world_size)
-    prompter = Prompter(prompt_template_name, verbose=True)
+    if device_map == "auto" and world_size > 1:
+        raise UserError("--device_map auto (one process over all GPUs) cannot be combined with torchrun/accelerate ranks")
+    prompter = Prompter(prompt_template_name)
+    report_to = reporting(wandb_project, wandb_watch, wandb_log_model, tensorboard)
     device = models.pick_device("auto")
     quantization = models.pick_quantization(quantization, device)
     dtype = models.pick_dtype(device, bf16)
-    records = load_records(data_path, column_map)
-    val_size = resolve_val_set_size(val_set_size, len(records))
     out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
     checkpoint, warm_start = training.resolve_resume(resume_from_checkpoint, out)
     if checkpoint:
         training.check_checkpoint_matches(checkpoint, lora_r, target_modules)
-    report_to = reporting(wandb_project, wandb_watch, wandb_log_model, tensorboard)
+    records = load_records(data_path, column_map)
+    val_size = resolve_val_set_size(val_set_size, len(records))
 
     base_path = models.resolve_base_model(base_model)
+    models.check_cutoff_len(base_path, cutoff_len)
     models.check_target_modules(base_path, target_modules)
+    if warm_start:
+        models.check_adapter_fits(base_path, warm_start)
     tokenizer = models.load_tokenizer(base_path)
     train_records, val_records = split_records(records, val_size, seed)
     chat = load_chat_template(chat_template, tokenizer) if "messages" in records[0] else None
     if chat is not None:
         log(f"Conversations rendered with chat template {chat.name}")
+    else:
+        log(f"Using prompt template {prompter.name}: {prompter.template.get('description', '')}")
     if train_on_inputs is None:  # the original trains on Alpaca prompts too; a chat model learns only its own turns
         train_on_inputs = chat is None
     prepare = dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
                    train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, chat=chat)
     train_data = tokenize_records(train_records, **prepare)
     val_data = tokenize_records(val_records, **prepare) if val_records is not None else None
+    if len(train_data) == 0 or (val_data is not None and len(val_data) == 0):
+        raise UserError(f"no {'training' if len(train_data) == 0 else 'validation'} record keeps any response token "
+                        f"within --cutoff_len {cutoff_len}: raise --cutoff_len")
+    total_steps = training.optimizer_steps(len(train_data), micro_batch_size, grad_accum, world_size, num_epochs, max_steps)
+    if checkpoint and training.steps_done(checkpoint) >= total_steps:
+        raise UserError(f"{checkpoint} is already at step {training.steps_done(checkpoint)} of this run's {total_steps}: "
+                        "nothing left to train; raise --max_steps or --num_epochs to continue it")
 
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
         f"({'full precision' if quantization == 'none' else quantization}, {dtype})")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_map = device_map or ({"": local_rank} if world_size > 1 and device == "cuda" else None)
-    if device_map == "auto" and world_size > 1:
-        raise UserError("--device_map auto (one process over all GPUs) cannot be combined with torchrun/accelerate ranks")
     model = models.load_model(base_path, quantization, device, device_map=device_map, dtype=dtype)
     from transformers import set_seed
 
@@ -147,19 +163,24 @@ def train(
                       r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
 
     trainer = build_trainer(
-        model, tokenizer, train_data, val_data, out, device,
+        model, tokenizer, train_data, val_data, out, device, total_steps=total_steps,
         micro_batch_size=micro_batch_size, grad_accum=grad_accum, num_epochs=num_epochs, max_steps=max_steps,
         learning_rate=learning_rate, warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=logging_steps,
         group_by_length=group_by_length, packing=packing, gradient_checkpointing=gradient_checkpointing,
         torch_compile=torch_compile, bf16=bf16, report_to=report_to,
         run_name=wandb_run_name or None, seed=seed, world_size=world_size,
     )
+    out.mkdir(parents=True, exist_ok=True)
     result = trainer.train(resume_from_checkpoint=checkpoint)
 
     metrics = dict(result.metrics)
-    if val_data is not None:  # the adapter that is saved: the best one, reloaded at the end
-        metrics.update(trainer.evaluate(metric_key_prefix="final_eval"))
+    if val_data is not None:
+        # The adapter that is saved is the best one, reloaded at the end. The Trainer has already validated the last
+        # step (and every checkpoint), so the best loss is known: no second validation pass at the end.
+        metrics["final_eval_loss"] = trainer.state.best_metric
     if trainer.is_world_process_zero():
+        from utils.metrics import write_reports
+
         save_run(trainer, tokenizer, out, arguments)
         write_reports(trainer.state.log_history, metrics, out, f"LoRA r={lora_r} on {Path(base_path).name}")
     log(f"Saved the LoRA adapter to {out}")
@@ -206,13 +227,15 @@ def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_chec
     if warm_start:
         model = load_adapter(model, warm_start, trainable=True)
     else:
+        if lora["target_modules"] == ["all-linear"]:
+            lora["target_modules"] = "all-linear"  # PEFT's shorthand for every linear layer but the output head
         model = get_peft_model(model, LoraConfig(bias="none", task_type="CAUSAL_LM", **lora))
     if os.environ.get("LOCAL_RANK", "0") == "0":
         model.print_trainable_parameters()
     return model
 
 
-def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, micro_batch_size, grad_accum,
+def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, total_steps, micro_batch_size, grad_accum,
                   num_epochs, max_steps, learning_rate, warmup_steps, save_steps, logging_steps, group_by_length,
                   packing, gradient_checkpointing, torch_compile, report_to, run_name, seed, world_size, bf16=None):
     """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard."""
@@ -220,11 +243,9 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     from transformers import Trainer, TrainingArguments
 
     from utils import models
-    from utils.metrics import ProgressReport
-    from utils.training import LossGuard, data_collator
+    from utils.metrics import LossGuard, ProgressReport
+    from utils.training import data_collator
 
-    steps_per_epoch = max(1, len(train_data) // (micro_batch_size * grad_accum * world_size))
-    total_steps = max_steps if max_steps > 0 else int(steps_per_epoch * num_epochs)
     if bf16 is None:  # what the weights were loaded in (see models.pick_dtype); on CPU: fp32, no autocast
         bf16 = models.pick_dtype(device) == torch.bfloat16
     args = TrainingArguments(

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from utils.cli import UserError, run
-from utils.demo import build_app, first_answer, launch
+from utils.cli import UserError, check_writable, run
+from utils.demo import build_app, check_port_free, first_answer, launch
 
 AUTH_ENV = "ALPACA_LORA_AUTH"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -78,34 +78,37 @@ def main(
         api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
     """
+    from utils.checks import check_values
     from utils.generation import Settings
 
+    check_values(locals())
     settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
     quantization = pick_quantization_flag(load_8bit, load_4bit)
     batch_mode = bool(instruction or input_file)
     records = read_requests(instruction, input, input_file) if batch_mode else []
+    if output_file:
+        if Path(output_file).is_dir():
+            raise UserError(f"--output_file {output_file} is a directory: name the file to write, e.g. answers.jsonl")
+        check_writable(str(Path(output_file).expanduser().absolute().parent), "output_file")
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
-    if batch_size < 1 or concurrency_limit < 1:
-        raise UserError("--batch_size and --concurrency_limit must be at least 1")
-    if api_max_tokens < 1 or api_max_input_tokens < 0:
-        raise UserError("--api_max_tokens must be at least 1 and --api_max_input_tokens at least 0")
+    if not batch_mode:
+        check_port_free(server_name, server_port)
 
     from utils.generation import load_generator
 
-    generator = load_generator(base_model, lora_weights, quantization, device, prompt_template)
+    generator = load_generator(base_model, lora_weights, quantization, device, prompt_template,
+                               chat_template=None if batch_mode else chat_template)
     if batch_mode:
         answer_records(generator, records, settings, batch_size, output_file, plain=bool(instruction) and not output_file)
         return
     from utils.api import ApiSettings
-    from utils.chat import load_chat_template
 
-    chat = load_chat_template(chat_template, generator.tokenizer)
     warn_if_exposed(server_name, share_gradio, credentials)
     title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
     api_settings = ApiSettings(model=Path(lora_weights or base_model or "SmolLM2-135M-Instruct").name, max_tokens=api_max_tokens,
                                max_input_tokens=api_max_input_tokens, concurrency=concurrency_limit) if api else None
     app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit,
-                    chat=chat, api=api_settings)
+                    chat=generator.chat, api=api_settings)
     launch(app, server_name=server_name, server_port=server_port, share=share_gradio, auth=credentials)
 
 
@@ -141,20 +144,9 @@ def read_requests(instruction: str, input: str, input_file: str) -> list[dict]:
         raise UserError("give --instruction or --input_file, not both")
     if instruction:
         return [{"instruction": str(instruction), "input": str(input or "")}]
-    from utils.data import read_json_records
+    from utils.data import read_instructions
 
-    path = Path(input_file).expanduser()
-    if path.suffix not in (".json", ".jsonl"):
-        raise UserError(f"--input_file {input_file} should be a .json or .jsonl file")
-    if not path.is_file():
-        raise UserError(f"--input_file {input_file} not found")
-    records = read_json_records(path)
-    if isinstance(records, dict):
-        records = [records]
-    for number, record in enumerate(records, 1):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise UserError(f"{input_file}: record {number} has no \"instruction\" string")
-    return records
+    return read_instructions(input_file, "--input_file")
 
 
 def answer_records(generator, records: list[dict], settings, batch_size: int, output_file: str, plain: bool) -> None:

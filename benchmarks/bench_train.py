@@ -11,7 +11,6 @@ step (group_by_length excepted, it reorders); the first optimizer step is a warm
 Writes benchmarks/results/<machine>.json and prints a table.
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
 
 # name -> how it differs from the reference; every recipe keeps the global batch (--batch_size records/step).
 CPU_RECIPES = {
@@ -165,7 +165,7 @@ def run_recipe(spec: dict) -> dict:
         micro = spec.get("micro_batch_size", spec["micro_batch"])
         out = Path(tempfile.mkdtemp(prefix="bench-"))
         trainer = finetune.build_trainer(
-            model, tokenizer, data, None, out, device, micro_batch_size=micro, grad_accum=spec["batch_size"] // micro,
+            model, tokenizer, data, None, out, device, total_steps=spec["steps"] + spec["warmup"], micro_batch_size=micro, grad_accum=spec["batch_size"] // micro,
             num_epochs=1, max_steps=spec["steps"] + spec["warmup"], learning_rate=3e-4, warmup_steps=0,
             save_steps=10**6, logging_steps=1, group_by_length=spec.get("group_by_length", False),
             packing=spec["packing"], gradient_checkpointing=spec.get("gradient_checkpointing", False),
@@ -263,63 +263,93 @@ def print_table(results: dict, reference: str) -> None:
               f"{r['warmup_s']:>9.1f}  {mfu}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default=None, help="comma-separated names (default: the main ones for the mode)")
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per recipe")
-    parser.add_argument("--warmup", type=int, default=1, help="optimizer steps run first and not timed")
-    parser.add_argument("--batch_size", type=int, default=16, help="records per optimizer step (all recipes)")
-    parser.add_argument("--micro_batch", type=int, default=4, help="records per forward pass (unless a recipe says)")
-    parser.add_argument("--cutoff_len", type=int, default=256)
-    parser.add_argument("--prep_records", type=int, default=52_000, help="records for the data-preparation timing (0: skip)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--gpu", action="store_true", help="random LLaMA shapes on the GPU, with MFU")
-    parser.add_argument("--size", default="7b", choices=sorted(LLAMA_SHAPES), help="--gpu model shape")
-    parser.add_argument("--smoke", action="store_true", help="the --gpu code path with a tiny model and 1+1 steps")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the embedded SmolLM2's)")
-    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "alpaca-lora-bench"))
-    parser.add_argument("--peak_tflops", type=float, default=H100_BF16_FLOPS / 1e12, help="MFU denominator")
-    parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/<machine>.json)")
-    parser.add_argument("--_recipe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def main(
+    recipes: str = "",
+    steps: int = 3,
+    warmup: int = 1,
+    batch_size: int = 16,
+    micro_batch: int = 4,
+    cutoff_len: int = 256,
+    prep_records: int = 52_000,
+    threads: int = 0,
+    gpu: bool = False,
+    size: str = "7b",
+    smoke: bool = False,
+    tokenizer: str = "",
+    work_dir: str = "",
+    peak_tflops: float = H100_BF16_FLOPS / 1e12,
+    output: str = "",
+    _recipe: str = "",
+):
+    """Time the original alpaca-lora recipe against this project's on the same data, model and batch; write JSON.
 
-    if args._recipe:  # child process
-        print("RESULT " + json.dumps(run_recipe(json.loads(args._recipe))), flush=True)
+    Args:
+        recipes: Comma-separated recipe names; default: the main ones for the mode (CPU, or GPU with --gpu).
+        steps: Timed optimizer steps per recipe.
+        warmup: Optimizer steps run first and not timed.
+        batch_size: Records per optimizer step (all recipes).
+        micro_batch: Records per forward pass (unless a recipe says otherwise).
+        cutoff_len: Maximum tokens per record.
+        prep_records: Records for the data-preparation timing (0: skip it).
+        threads: Torch threads (0: torch's default).
+        gpu: Random LLaMA shapes on the GPU, with MFU.
+        size: The --gpu model shape: 7b, 13b or tiny.
+        smoke: The --gpu code path with a tiny model and 1+1 steps (seconds, on any machine).
+        tokenizer: Tokenizer directory; default: the embedded SmolLM2's.
+        work_dir: Where --gpu builds its random checkpoint; default: alpaca-lora-bench in the system's temp folder.
+        peak_tflops: The MFU denominator, in TFLOP/s (a measured H100/H200 bf16 matmul by default).
+        output: The JSON file to write; default: benchmarks/results/<machine>.json.
+    """
+    from utils.checks import check_values
+
+    check_values(dict(batch_size=batch_size, cutoff_len=cutoff_len))
+    table = GPU_RECIPES if gpu or smoke else CPU_RECIPES
+    unknown = [n for n in recipes.split(",") if n and n not in table]
+    problems = [(steps < 1, "--steps must be at least 1"), (warmup < 0, "--warmup must be at least 0"),
+                (micro_batch < 1, "--micro_batch must be at least 1"), (threads < 0, "--threads must be at least 0"),
+                (prep_records < 0, "--prep_records must be at least 0"), (peak_tflops <= 0, "--peak_tflops must be above 0"),
+                (size not in LLAMA_SHAPES, f"--size must be one of {', '.join(LLAMA_SHAPES)}, not {size!r}"),
+                (bool(unknown), f"unknown recipe(s) {', '.join(unknown)}: choose from {', '.join(table)}")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+    work_dir = work_dir or str(Path(tempfile.gettempdir()) / "alpaca-lora-bench")
+    if _recipe:  # child process
+        print("RESULT " + json.dumps(run_recipe(json.loads(_recipe))), flush=True)
         return
 
     from utils.models import load_tokenizer, resolve_base_model
 
-    gpu = args.gpu or args.smoke
-    if args.smoke:
-        args.size, args.steps, args.warmup, args.batch_size, args.prep_records = "tiny", 1, 1, 16, 2000
-    tokenizer_dir = args.tokenizer or resolve_base_model(None)
+    gpu = gpu or smoke
+    if smoke:
+        size, steps, warmup, batch_size, prep_records = "tiny", 1, 1, 16, 2000
+    tokenizer_dir = tokenizer or resolve_base_model(None)
     tokenizer = load_tokenizer(tokenizer_dir)
-    table = GPU_RECIPES if gpu else CPU_RECIPES
-    names = args.recipes.split(",") if args.recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
-    common = dict(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                  cutoff_len=args.cutoff_len, seed=42, threads=args.threads, tokenizer=tokenizer_dir, base_model=None)
+    names = recipes.split(",") if recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
+    common = dict(steps=steps, warmup=warmup, batch_size=batch_size, micro_batch=micro_batch,
+                  cutoff_len=cutoff_len, seed=42, threads=threads, tokenizer=tokenizer_dir, base_model=None)
     if gpu:
         import torch
 
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        path = llama_checkpoint(args.size, len(tokenizer), Path(args.work_dir), dtype)
-        common.update(base_model=str(path), peak_flops=args.peak_tflops * 1e12)
+        path = llama_checkpoint(size, len(tokenizer), Path(work_dir), dtype)
+        common.update(base_model=str(path), peak_flops=peak_tflops * 1e12)
 
     report = dict(machine=machine_name(gpu), cpu=cpu_model(), cpus=os.cpu_count(),
-                  model=f"random LLaMA-{args.size}" if gpu else "SmolLM2-135M (embedded)",
+                  model=f"random LLaMA-{size}" if gpu else "SmolLM2-135M (embedded)",
                   settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model")},
                   lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj")
-    if args.prep_records:
-        report["data_prep"] = time_data_prep(tokenizer, args.prep_records, args.cutoff_len)
+    if prep_records:
+        report["data_prep"] = time_data_prep(tokenizer, prep_records, cutoff_len)
         p = report["data_prep"]
         print(f"data preparation, {p['records']} records: original per-record map {p['reference_s']} s, "
               f"batched map {p['project_s']} s ({p['speedup']}x), same tokens: {p['same_tokens']}", flush=True)
-    output = Path(args.output or REPO / "benchmarks" / "results" / f"{report['machine']}.json")
+    output = Path(output or REPO / "benchmarks" / "results" / f"{report['machine']}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     results = report["results"] = {}
     for name in names:
         spec = dict(common, name=name, **table[name])
-        if args.smoke and spec.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        if smoke and spec.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
             print(f"{name}: skipped (no bitsandbytes)")
             continue
         load = os.getloadavg()[0]
@@ -337,4 +367,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -118,7 +118,7 @@ def test_auth_is_the_demos_password(url):
     (dict(messages=[{"role": "user", "content": " "}]), 400, "messages, turn 0: empty user turn"),
     (dict(messages=HISTORY[:3]), 400, "the last message should be the user's"),
     (dict(n=2), 400, "only n=1 is supported"),
-    (dict(temperature=-1), 400, "temperature must be >= 0"),
+    (dict(temperature=-1), 400, "temperature must be at least 0"),
     (dict(messages="hi"), 400, "messages: Input should be a valid list"),
 ])
 def test_bad_requests_get_openai_style_errors(client, request_, status, message):
@@ -180,7 +180,7 @@ def test_api_flag_reaches_the_app(tiny_model, monkeypatch):
 
 @pytest.mark.parametrize("flags, message", [
     (dict(api_max_tokens=0), "--api_max_tokens must be at least 1"),
-    (dict(api_max_input_tokens=-1), "--api_max_input_tokens at least 0"),
+    (dict(api_max_input_tokens=-1), "--api_max_input_tokens must be at least 0"),
     (dict(chat_template="no_such_template"), "no_such_template"),
 ])
 def test_bad_api_and_chat_flags_are_one_line_before_serving(tiny_model, monkeypatch, flags, message):

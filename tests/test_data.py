@@ -43,8 +43,10 @@ def test_column_map(tmp_path):
     assert load_records(path, {"question": "instruction", "answer": "output"}) == expected
 
 
-def test_null_input_is_empty(tmp_path):
-    assert load_records(write(tmp_path, "n.json", [dict(RECORD, input=None)]))[0]["input"] == ""
+def test_null_field_is_an_error_not_an_empty_string(tmp_path):
+    with pytest.raises(UserError, match=r"n.json: record 1 field 'input' should be text, found null"):
+        load_records(write(tmp_path, "n.json", [RECORD, dict(RECORD, input=None)]))
+    assert load_records(write(tmp_path, "absent.json", [{"instruction": "x", "output": "y"}]))[0]["input"] == ""
 
 
 @pytest.mark.parametrize(
@@ -52,9 +54,9 @@ def test_null_input_is_empty(tmp_path):
     [
         ("missing.json", None, r"data file .*missing.json not found"),
         ("broken.json", '[{"instruction": "x",\n "output": }]', r"broken.json is not valid JSON: Expecting value at line 2"),
-        ("broken.jsonl", '{"instruction": "x", "output": "y"}\n{oops}\n', r"broken.jsonl is not valid JSONL: .* at line 1"),
+        ("broken.jsonl", '{"instruction": "x", "output": "y"}\n{oops}\n', r"broken.jsonl is not valid JSON Lines: .* at line 2"),
         ("fields.json", [RECORD, {"instruction": "x", "answer": "y"}], r"fields.json: record 1 lacks output \(has answer, instruction\)"),
-        ("type.json", [{"instruction": "x", "output": 3}], r"record 0 field output should be text, found int"),
+        ("type.json", [{"instruction": "x", "output": 3}], r"record 0 field 'output' should be text, found int"),
         ("list.json", [["x"]], r"record 0 is a list"),
         ("dict.json", {"instruction": "x"}, r"should hold a list of records, found a dict"),
         ("empty.json", [], r"holds no records"),

@@ -1,7 +1,6 @@
 """finetune.py end to end on tiny random LLaMA models (seconds each) and once on the embedded SmolLM2."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +77,7 @@ def test_run_directory_contents(trained):
     assert metrics["final_eval_loss"] == pytest.approx(metrics["eval_loss_best"], rel=1e-4)  # the best adapter is kept
     assert metrics["eval_loss_best"] < metrics["eval_loss_first"] and metrics["train_loss"] > 0
     assert len([h for h in metrics["log_history"] if "loss" in h]) == 12
+    assert [h["step"] for h in metrics["log_history"] if "eval_loss" in h] == [0, 4, 8, 12]  # the end is validated once
     assert all(h["tokens_per_second"] > 0 for h in metrics["log_history"][1:] if "loss" in h)
     assert (trained / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(trained.glob(".saving-*"))  # nothing half-written left behind
@@ -162,7 +162,7 @@ def test_nan_loss_stops_the_run(tiny_model, alpaca_file, tmp_path):
 def test_loss_guard_stops_on_exact_zero():
     from transformers import TrainerControl, TrainerState
 
-    from utils.training import LossGuard
+    from utils.metrics import LossGuard
 
     state = TrainerState()
     state.global_step = 30
@@ -179,7 +179,7 @@ def test_loss_guard_stops_on_exact_zero():
         (dict(data_path="missing.json"), "data file missing.json not found"),
         (dict(val_set_size=40), "--val_set_size 40 leaves no training records"),
         (dict(lora_target_modules="q_proj,query_key_value"), "query_key_value not in the model; its linear layers are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
-        (dict(quantization="3bit"), "unknown --quantization '3bit'"),
+        (dict(quantization="3bit"), "--quantization must be one of auto, 8bit, 4bit, none, not '3bit'"),
         (dict(resume_from_checkpoint="nowhere"), "--resume_from_checkpoint nowhere not found"),
         (dict(base_model="./no-such-model"), "base model directory ./no-such-model not found"),
         (dict(base_model="missing.gguf"), "GGUF file missing.gguf not found"),
@@ -219,20 +219,55 @@ def test_incomplete_checkpoint_is_refused(tiny_model, alpaca_file, tmp_path):
         run_train(tiny_model, alpaca_file, tmp_path / "out", resume_from_checkpoint=str(broken))
 
 
+def test_resuming_a_finished_run_is_refused(trained, tiny_model, alpaca_file, tmp_path):
+    """Resuming a checkpoint that already reached the run's last step would train nothing and save it again."""
+    with pytest.raises(UserError, match="checkpoint-12 is already at step 12 of this run's 12: nothing left to train"):
+        run_train(tiny_model, alpaca_file, tmp_path / "again", max_steps=12, lora_target_modules="q_proj,k_proj,v_proj,o_proj",
+                  resume_from_checkpoint=str(trained / "checkpoint-12"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_cutoff_that_leaves_no_response_is_refused(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    import utils.models
+
+    monkeypatch.setattr(utils.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match="no training record keeps any response token within --cutoff_len 8: raise --cutoff_len"):
+        run_train(tiny_model, alpaca_file, tmp_path / "out", cutoff_len=8, train_on_inputs=False)
+
+
+def test_all_linear_adapts_every_linear_layer(tiny_model, alpaca_file, tmp_path):
+    out = run_train(tiny_model, alpaca_file, tmp_path / "all", max_steps=1, val_set_size=0, lora_target_modules="all-linear")
+    config = json.loads((out / "adapter_config.json").read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}  # PEFT records each layer's full name
+    assert sorted(adapted) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_a_short_run_still_draws_its_train_loss(tmp_path, monkeypatch):
+    """One logged training step is a point: a line alone would draw nothing."""
+    import matplotlib.axes
+
+    from utils.metrics import plot_loss_curve
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: drawn.append((a, k)))
+    plot_loss_curve([{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 1.9}], tmp_path / "curve.png")
+    assert [(k["label"], k["marker"]) for _, k in drawn] == [("train loss", "o"), ("validation loss", "o")]
+
+
 def test_resume_with_other_lora_shape_is_refused(trained, tiny_model, alpaca_file, tmp_path):
     with pytest.raises(UserError, match="trained with --lora_r 8, not 16"):
         run_train(tiny_model, alpaca_file, tmp_path / "x", lora_r=16, resume_from_checkpoint=str(trained / "checkpoint-12"))
 
 
 def test_cli_help_lists_every_flag():
-    proc = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PAGER="cat"))
-    out = proc.stdout + proc.stderr  # fire prints help on stderr
+    proc = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    out = proc.stdout
     original = ("base_model data_path output_dir batch_size micro_batch_size num_epochs learning_rate cutoff_len val_set_size "
                 "lora_r lora_alpha lora_dropout lora_target_modules train_on_inputs add_eos_token group_by_length "
                 "wandb_project wandb_run_name wandb_watch wandb_log_model resume_from_checkpoint prompt_template_name").split()
     for flag in original:
         assert f"--{flag}" in out, flag
-    assert out.count("Default:") >= len(original)
+    assert out.count("(default: ") >= 15  # all but the 7 flags whose default is "unset"
 
 
 def test_readme_flag_table_matches_the_code():

@@ -52,7 +52,9 @@ def parse_messages(turns, where: str, shape: str = "messages") -> list[dict]:
             raise UserError(f"{where}, turn {number}: unknown role {turn.get(role_key)!r} (known: {', '.join(roles)})")
         text = text_of(turn.get(text_key))
         if text is None:
-            raise UserError(f"{where}, turn {number}: {text_key} should be text, found {type(turn.get(text_key)).__name__}")
+            found = turn.get(text_key)
+            raise UserError(f"{where}, turn {number}: {text_key} should be text, found "
+                            f"{'null' if found is None else type(found).__name__}")
         if not text.strip():
             raise UserError(f"{where}, turn {number}: empty {role} turn")
         messages.append({"role": role, "content": text})

@@ -28,14 +28,66 @@ def parse_column_map(column_map: Union[None, str, dict]) -> dict:
 
 
 def read_json_records(path: Path) -> list:
-    """A JSON array or JSON Lines file, with the line of any syntax error named."""
-    text = path.read_text(encoding="utf-8")
+    """A JSON array or JSON Lines file; a file that is not UTF-8, not valid JSON, or JSON Lines under a .json name
+    (or the other way round) is one line naming the file and the place."""
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid {path.suffix[1:].upper()}: {err.msg} at line {err.lineno}, column {err.colno}") from None
+        text = path.read_text(encoding="utf-8-sig")  # a BOM, as Windows editors write, is fine
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}): "
+                        "save it as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory: pass a .json or .jsonl file") from None
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg == "Extra data" and looks_like_json_lines(text):
+                raise UserError(f"{path} holds JSON Lines (one record per line), not one JSON document: rename it to "
+                                f"{path.with_suffix('.jsonl').name}") from None
+            raise UserError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if text.lstrip().startswith("["):
+                raise UserError(f"{path} holds one JSON array, not JSON Lines: rename it to "
+                                f"{path.with_suffix('.json').name}") from None
+            raise UserError(f"{path} is not valid JSON Lines: {err.msg} at line {lineno}, column {err.colno}") from None
+    return records
+
+
+def looks_like_json_lines(text: str) -> bool:
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        return len(lines) > 1 and all(isinstance(json.loads(line), dict) for line in lines[:2])
+    except json.JSONDecodeError:
+        return False
+
+
+def read_instructions(path: str, what: str) -> list[dict]:
+    """Instructions to answer (generate.py --input_file, evaluate.py --prompts_path): a .json list or a .jsonl file of
+    strings or of objects with an "instruction" string and an optional "input" string (other fields are kept)."""
+    file = Path(path).expanduser()
+    if file.suffix not in (".json", ".jsonl"):
+        raise UserError(f"{what} {path} should be a .json or .jsonl file")
+    if not file.is_file():
+        raise UserError(f"{what} {path} not found")
+    items = read_json_records(file)
+    items = [items] if isinstance(items, dict) else items
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path} should hold a non-empty list of instructions")
+    records = []
+    for index, item in enumerate(items):
+        record = {"instruction": item} if isinstance(item, str) else item
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise UserError(f'{path}: record {index} should be a string or an object with an "instruction" string')
+        if not isinstance(record.get("input", ""), str):
+            found = "null" if record["input"] is None else type(record["input"]).__name__
+            raise UserError(f"{path}: record {index} field 'input' should be text, found {found}")
+        records.append(record)
+    return records
 
 
 def load_raw_records(data_path: str) -> list:
@@ -50,6 +102,9 @@ def load_raw_records(data_path: str) -> list:
         return records
     if path.exists():
         raise UserError(f"data file {data_path} should be .json or .jsonl")
+    from utils.hub import check_hub_repo
+
+    check_hub_repo(data_path, "dataset", "data set")
     from datasets import load_dataset
 
     try:  # the real hub path (yahma/alpaca-cleaned, databricks/databricks-dolly-15k, ...)
@@ -71,8 +126,10 @@ def normalize_record(record, index: int, source: str, column_map: dict) -> dict:
     record = rename(record, column_map)
     if record_shape(record):
         return {"messages": record_messages(record, f"{source}: record {index}")}
+    origin = {dst: src for src, dst in column_map.items()}  # to name fields as the file does
     if "output" not in record and "response" in record:
         record = {DOLLY_COLUMNS.get(k, k): v for k, v in record.items()}
+        origin.update({dst: src for src, dst in DOLLY_COLUMNS.items()})
     missing = [k for k in ("instruction", "output") if k not in record]
     if missing:
         raise UserError(
@@ -80,10 +137,11 @@ def normalize_record(record, index: int, source: str, column_map: dict) -> dict:
             "records need instruction/input/output (Alpaca) or instruction/context/response (Dolly), "
             "or map other names with --column_map"
         )
-    out = {k: record.get(k) or "" for k in ("instruction", "input", "output")}
-    bad = [k for k, v in out.items() if not isinstance(v, str)]
-    if bad:
-        raise UserError(f"{source}: record {index} field {bad[0]} should be text, found {type(out[bad[0]]).__name__}")
+    out = {k: record.get(k, "") for k in ("instruction", "input", "output")}
+    for field, value in out.items():  # null, numbers or lists are mistakes in the data, never silently coerced
+        if not isinstance(value, str):
+            found = "null" if value is None else type(value).__name__
+            raise UserError(f"{source}: record {index} field {origin.get(field, field)!r} should be text, found {found}")
     return out
 
 

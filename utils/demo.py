@@ -191,6 +191,20 @@ def settings_controls(gr, defaults, stream: bool, context_length: Optional[int])
     ]
 
 
+def check_port_free(server_name: str, server_port: int) -> None:
+    """A busy port or an unknown interface, found before the model loads (Gradio would only say so afterwards)."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(server_name, server_port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+            sock.bind((server_name, server_port))
+    except OSError as err:
+        raise UserError(f"cannot serve on {server_name}:{server_port} ({err.strerror or err}); "
+                        "pass another --server_port (or --server_name)") from None
+
+
 def launch(app, server_name: str, server_port: int, share: bool, auth, block: bool = True):
     """Start the server (with the OpenAI-compatible routes when build_app got `api`, behind the same `auth`);
     a busy port is a one-line error, not a traceback."""
@@ -200,8 +214,13 @@ def launch(app, server_name: str, server_port: int, share: bool, auth, block: bo
         print(f"OpenAI-compatible API at http://{server_name}:{server_port}/v1 (/v1/chat/completions, /v1/models)",
               file=sys.stderr, flush=True)
     try:
-        return app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth,
-                          prevent_thread_lock=not block, footer_links=["api", "gradio"],
-                          app_kwargs={"routes": routes} if routes else None)
+        # quiet: Gradio's own banner tells users to `set share=True in launch()`; this project's flag is --share_gradio.
+        result = app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth, quiet=True,
+                            prevent_thread_lock=True, footer_links=["api", "gradio"],
+                            app_kwargs={"routes": routes} if routes else None)
     except OSError as err:
         raise UserError(f"cannot serve on {server_name}:{server_port} ({err}); pass another --server_port") from None
+    print(f"Running on {app.local_url}" + (f" and {app.share_url}" if app.share_url else ""), file=sys.stderr, flush=True)
+    if block:
+        app.block_thread()
+    return result

@@ -90,22 +90,9 @@ def compare_losses(generator: Generator, records: list[dict], cutoff_len: int, a
 
 def load_prompts(path: str) -> list[dict]:
     """A JSON list of instructions: strings, or objects with "instruction" and an optional "input"."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"prompts file {path} not found")
-    try:
-        items = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{path} should hold a non-empty list of instructions")
-    prompts = []
-    for i, item in enumerate(items):
-        item = {"instruction": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or not isinstance(item.get("instruction"), str):
-            raise UserError(f"{path}: item {i} should be a string or an object with an \"instruction\" string")
-        prompts.append({"instruction": item["instruction"], "input": item.get("input") or ""})
-    return prompts
+    from utils.data import read_instructions
+
+    return [{"instruction": r["instruction"], "input": r.get("input", "")} for r in read_instructions(path, "prompts file")]
 
 
 def compare_answers(generator: Generator, prompts: list[dict], settings: Settings, batch_size: int) -> list[dict]:

@@ -14,23 +14,21 @@ from typing import Iterator, Optional
 
 import torch
 
+from utils.checks import DTYPE_ALIASES, check_value
 from utils.cli import UserError, log
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
-                 "bf16": "bfloat16"}
 TOKENIZER_FILES = ("tokenizer.model",)  # written by no fast tokenizer, but Meta's code and llama.cpp read it
 
 
-def resolve_dtype(name: str, config, choices=tuple(DTYPES)) -> torch.dtype:
+def resolve_dtype(name: str, config) -> torch.dtype:
     """--dtype: "auto" is the base's own dtype (from its config; float32 when it names none)."""
+    check_value("dtype", name)
     key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
     if key == "auto":
         own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         own = getattr(torch, own, None) if isinstance(own, str) else own
-        return own if own in [DTYPES[c] for c in choices] else torch.float32
-    if key not in choices:
-        raise UserError(f"unknown --dtype '{name}': choose auto, {', '.join(choices)}")
+        return own if own in DTYPES.values() else torch.float32
     return DTYPES[key]
 
 
@@ -192,6 +190,18 @@ def check_lora_weights(lora_weights: Optional[str]) -> Optional[str]:
     lora_weights = str(lora_weights)
     check_adapter_dir(lora_weights)
     return lora_weights
+
+
+def check_inputs(base_model: str, lora_weights: Optional[str]):
+    """(base model path, adapter or None, base config) for an export, every mistake found before weights load."""
+    from utils.models import check_adapter_fits, resolve_base_model
+
+    adapter = check_lora_weights(lora_weights)
+    base_path = resolve_base_model(base_model)
+    config = load_config(base_path)
+    if adapter:
+        check_adapter_fits(base_path, adapter)
+    return base_path, adapter, config
 
 
 def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype):

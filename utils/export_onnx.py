@@ -5,7 +5,10 @@ least 2 rows, or the exporter specializes the batch axis to 1 and the graph then
 and the KV cache stays off, so the graph is one plain forward pass over the whole sequence.
 """
 
+import logging
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +40,23 @@ def example_inputs(vocab_size: int, shape: tuple[int, int], seed: int = 0) -> di
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+@contextmanager
+def quiet_exporter():
+    """Silence what torch.onnx says on every export that a user can do nothing about: that torchvision's detection
+    ops are not registered (no torchvision here), a deprecation inside torch's own pytree code, and that the two
+    dynamic axes share a name."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def write_onnx(model, out: Path) -> Path:
     """model.onnx (and model.onnx.data for the weights when the exporter splits them off) in `out`."""
     model.config.use_cache = False
@@ -45,8 +65,8 @@ def write_onnx(model, out: Path) -> Path:
     axes = {0: "batch", 1: "sequence"}
     path = out / MODEL_FILE
     start = time.perf_counter()
-    with torch.no_grad():
-        torch.onnx.export(wrapper, (), str(path), kwargs=inputs, dynamo=True, input_names=list(inputs),
+    with torch.no_grad(), quiet_exporter():
+        torch.onnx.export(wrapper, (), str(path), kwargs=inputs, dynamo=True, input_names=list(inputs), verbose=False,
                           output_names=["logits"], dynamic_shapes={name: axes for name in inputs})
     log(f"Exported the graph in {time.perf_counter() - start:.1f} s")
     return path

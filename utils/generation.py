@@ -14,7 +14,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from utils.cli import UserError
-from utils.prompts import Prompter
+from utils.prompts import Prompter, read_template
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,17 @@ class Settings:
     max_new_tokens: int = 128
 
     def checked(self) -> "Settings":
-        """These settings with integer fields made integers (sliders and fire send floats); bad values raise."""
-        s = dataclasses.replace(self, top_k=int(self.top_k), num_beams=int(self.num_beams), max_new_tokens=int(self.max_new_tokens))
-        problems = [
-            (s.temperature < 0, f"temperature must be >= 0 (0 = no sampling), not {s.temperature}"),
-            (not 0 < s.top_p <= 1, f"top_p must be in (0, 1], not {s.top_p}"),
-            (s.top_k < 0, f"top_k must be >= 0 (0 = no top-k filter), not {s.top_k}"),
-            (s.num_beams < 1, f"num_beams must be >= 1, not {s.num_beams}"),
-            (s.max_new_tokens < 1, f"max_new_tokens must be >= 1, not {s.max_new_tokens}"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise UserError(message)
-        return s
+        """These settings with integer fields made integers (sliders send floats); a value that breaks its rule
+        (utils/checks.py, the same rules as the command-line flags) raises a one-line UserError."""
+        from utils.checks import check_values
+
+        for name in ("top_k", "num_beams", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not value.is_integer():
+                raise UserError(f"{name} must be a whole number, not {value!r}")
+        check_values(dataclasses.asdict(self), flag=False)
+        return dataclasses.replace(self, top_k=int(self.top_k), num_beams=int(self.num_beams),
+                                   max_new_tokens=int(self.max_new_tokens))
 
     def generate_kwargs(self) -> dict:
         """model.generate() arguments. Temperature 0 means greedy (or plain beam search); above 0 it samples.
@@ -86,6 +84,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"  # batched generation appends new tokens on the right of every row
         self.prompter = prompter
+        self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
 
     @property
     def context_length(self) -> Optional[int]:
@@ -210,24 +209,34 @@ class TextStream:
 
 
 def load_generator(base_model: str = "", lora_weights: str = "", quantization: str = "none", device: str = "auto",
-                   prompt_template: str = "alpaca") -> Generator:
-    """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first."""
+                   prompt_template: str = "alpaca", chat_template: Optional[str] = None) -> Generator:
+    """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first.
+
+    With `chat_template` (a name, "tokenizer" or "" for the default), `generator.chat` renders conversations."""
     from utils import models
+    from utils.chat import load_chat_template
 
     prompter = Prompter(prompt_template or "alpaca")
+    if chat_template not in (None, "", "tokenizer"):
+        read_template(chat_template, "chat template")  # a typo fails now, not after the model has loaded
     if lora_weights:
         models.check_adapter_dir(lora_weights)  # before the slow part: a typo fails in a second
     device = models.pick_device(device)
     quantization = models.pick_quantization(quantization, device)
     path = models.resolve_base_model(base_model)
+    if lora_weights:
+        models.check_adapter_fits(path, lora_weights)
+    tokenizer = models.load_tokenizer(path)
+    chat = load_chat_template(chat_template, tokenizer) if chat_template is not None else None
     print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
           f"({'full precision' if quantization == 'none' else quantization})", file=sys.stderr, flush=True)
-    tokenizer = models.load_tokenizer(path)
     model = models.load_model(path, quantization, device)
     if lora_weights:
         try:
             model = models.load_adapter(model, lora_weights)
         except (OSError, ValueError) as err:  # a hub id that is absent or unreachable, a malformed config
             raise UserError(f"could not load adapter '{lora_weights}': {str(err).splitlines()[0]}") from None
-    return Generator(model, tokenizer, prompter)
+    generator = Generator(model, tokenizer, prompter)
+    generator.chat = chat
+    return generator

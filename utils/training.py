@@ -8,9 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from transformers import TrainerCallback
-
-from utils.cli import UserError, log
+from utils.cli import UserError, check_writable, log
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -29,6 +27,19 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -
     return batch_size // (micro_batch_size * world_size)
 
 
+def optimizer_steps(num_records: int, micro_batch_size: int, grad_accum: int, world_size: int, num_epochs: float,
+                    max_steps: int) -> int:
+    """The optimizer steps the Trainer will take (its own arithmetic: a last, partial accumulation counts as a step)."""
+    micro_batches = math.ceil(math.ceil(num_records / world_size) / micro_batch_size)
+    per_epoch = max(math.ceil(micro_batches / grad_accum), 1)
+    return max_steps if max_steps > 0 else math.ceil(num_epochs * per_epoch)
+
+
+def steps_done(checkpoint: str) -> int:
+    """The optimizer step a Trainer checkpoint was saved at."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
 def is_complete_checkpoint(path: Path) -> bool:
     """The Trainer writes trainer_state.json last, so a checkpoint without it was interrupted mid-save."""
     return (path / "trainer_state.json").is_file() and any((path / f).is_file() for f in ADAPTER_FILES)
@@ -41,7 +52,8 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 
 
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> Path:
-    """Create output_dir, prove it is writable, and refuse to overwrite an earlier run by accident."""
+    """Prove output_dir can be written and refuse to overwrite an earlier run by accident. Nothing is created yet
+    (training does that), so a run stopped by a later check leaves nothing behind."""
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file, not a directory")
@@ -50,11 +62,7 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> Path:
             f"--output_dir {output_dir} already holds files from an earlier run: pass --resume_from_checkpoint "
             "to continue it, --overwrite_output_dir to replace it, or choose another --output_dir"
         )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as err:
-        raise UserError(f"--output_dir {output_dir} is not writable ({err.strerror})") from None
+    check_writable(output_dir, "output_dir")
     return path
 
 
@@ -92,20 +100,6 @@ def check_checkpoint_matches(checkpoint: str, lora_r: int, target_modules: list[
             f"checkpoint {checkpoint} targets {sorted(config.get('target_modules'))}, not {sorted(target_modules)}: "
             "pass the same --lora_target_modules"
         )
-
-
-class LossGuard(TrainerCallback):
-    """Stop at once when the loss turns NaN/inf or sits at exactly 0: the original's fp16 + 8-bit failure."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is None:
-            return
-        if not math.isfinite(loss) or loss == 0.0:
-            raise UserError(
-                f"training loss is {loss} at step {state.global_step}: the run diverged. Try a lower --learning_rate, "
-                "bf16 or fp32 instead of fp16 (--quantization none on GPUs without bf16), or check the data for empty outputs"
-            )
 
 
 def save_atomically(save, output_dir: Path) -> None:

@@ -1,0 +1,209 @@
+"""Mistakes cost seconds: every script checks its flags, values, data, models and adapters before any work starts,
+and answers each mistake with one line, exit status 2, no traceback and nothing written. Plus --help for each."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gen_helpers import make_adapter
+from tiny import REPO
+
+SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
+           "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py"]
+SECONDS = 5  # a generous upper bound: these fail before any model loads (most in well under a second)
+# An endpoint where nothing listens: the Hub "cannot be reached", as on a machine without a network.
+NO_NETWORK = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None}
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model, tiny_gqa_model, tmp_path_factory):
+    """What the mistakes are made with: the tiny models, an adapter for one of them, data files good and bad."""
+    root = tmp_path_factory.mktemp("mistakes")
+    records = json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:20]
+    (root / "good.json").write_text(json.dumps(records))
+    (root / "null.json").write_text(json.dumps(records[:3] + [dict(records[3], input=None)]))
+    (root / "latin1.json").write_bytes(json.dumps(records[:2]).encode()[:40] + "é".encode("latin-1") + b'"}]')
+    (root / "lines.json").write_text("\n".join(json.dumps(r) for r in records))
+    (root / "array.jsonl").write_text(json.dumps(records, indent=1))
+    (root / "fake.gguf").write_text("not a model")
+    (root / "no-config").mkdir()
+    (root / "earlier-run").mkdir()
+    (root / "earlier-run" / "adapter_model.safetensors").write_text("an earlier run")
+    make_adapter(tiny_model, root / "adapter")
+    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter")
+
+
+def case(script, args, message, env=None):
+    return pytest.param(script, args, message, env or {}, id=f"{script} {' '.join(args)}"[:80])
+
+
+MISTAKES = [
+    # 1. flags: unknown (with the closest real one), repeated, a boolean given something else, a wrong type
+    case("finetune.py", ["--micro_batchsize", "4"], "unknown flag --micro_batchsize: did you mean --micro_batch_size?"),
+    case("finetune.py", ["--output_dir", "{root}/earlier-run", "--micro_batchsize", "4"], "unknown flag --micro_batchsize"),
+    case("finetune.py", ["--batch_size", "8", "--batch_size", "16"], r"--batch_size is given twice \(8 and 16\)"),
+    case("finetune.py", ["--group_by_length", "maybe"], "--group_by_length takes True or False, not 'maybe'"),
+    case("finetune.py", ["--lora_r", "8.5"], "--lora_r takes a whole number, not '8.5'"),
+    case("finetune.py", ["--base_model"], "--base_model needs a value"),
+    case("finetune.py", ["tloen/alpaca"], "unexpected argument 'tloen/alpaca'"),
+    case("generate.py", ["--lora_weight", "./lora-alpaca"], "unknown flag --lora_weight: did you mean --lora_weights?"),
+    case("generate.py", ["--stream", "sometimes"], "--stream takes True or False"),
+    case("evaluate.py", ["--lora-weight", "x"], "unknown flag --lora-weight: did you mean --lora_weights?"),
+    case("export_hf_checkpoint.py", ["--dtype", "fp16", "--dtype", "bf16"], "--dtype is given twice"),
+    case("export_gguf.py", ["--out_type", "q8_0"], "did you mean --outtype?"),
+    case("export_onnx.py", ["--verify", "perhaps"], "--verify takes True or False"),
+    case("export_state_dict_checkpoint.py", ["--num_shard", "2"], "did you mean --num_shards?"),
+    case("benchmarks/bench_train.py", ["--step", "3"], "unknown flag --step: did you mean --steps?"),
+    case("benchmarks/bench_train.py", ["--gpu", "yes", "--gpu"], "--gpu is given twice"),
+    # 2. values out of range, before any model loads (a run that would train nothing is one of them)
+    case("finetune.py", ["--learning_rate", "3e4"], "--learning_rate must be above 0 and at most 1"),
+    case("finetune.py", ["--num_epochs", "0"], "--num_epochs must be above 0"),
+    case("finetune.py", ["--max_steps", "0"], r"--max_steps must be -1 \(train for --num_epochs\) or at least 1"),
+    case("finetune.py", ["--lora_dropout", "1.5"], "--lora_dropout must be at least 0 and below 1"),
+    case("finetune.py", ["--lora_alpha", "0"], "--lora_alpha must be above 0"),
+    case("finetune.py", ["--val_set_size", "1.5"], "--val_set_size must be a record count"),
+    case("finetune.py", ["--save_steps", "0"], "--save_steps must be at least 1"),
+    case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--cutoff_len", "4096"],
+         "--cutoff_len 4096 is longer than the model's 512-token context"),
+    case("generate.py", ["--temperature", "-1"], "--temperature must be at least 0, not -1"),
+    case("generate.py", ["--top_p", "1.5"], "--top_p must be above 0 and at most 1"),
+    case("generate.py", ["--server_port", "70000"], "--server_port must be a port number from 1 to 65535"),
+    case("generate.py", ["--device", "gpu"], "--device must be auto, cpu, mps, cuda or cuda:N"),
+    case("evaluate.py", ["--lora_weights", "{adapter}", "--num_beams", "0"], "--num_beams must be at least 1"),
+    case("export_hf_checkpoint.py", ["--dtype", "float8"], "--dtype must be one of auto, float32"),
+    case("export_hf_checkpoint.py", ["--max_shard_size", "5 gigs"], "--max_shard_size must be a size such as 5GB"),
+    case("export_state_dict_checkpoint.py", ["--num_shards", "0"], "--num_shards must be at least 1"),
+    case("export_gguf.py", ["--outtype", "q3"], "unknown --outtype 'q3'"),
+    # 3. data, record by record and byte by byte
+    case("finetune.py", ["--data_path", "{root}/null.json"], r"null.json: record 3 field 'input' should be text, found null"),
+    case("finetune.py", ["--data_path", "{root}/latin1.json"], r"latin1.json is not UTF-8 text \(byte 40 is b'\\xe9'\)"),
+    case("finetune.py", ["--data_path", "{root}/lines.json"], r"lines.json holds JSON Lines .* rename it to lines.jsonl"),
+    case("finetune.py", ["--data_path", "{root}/array.jsonl"], r"array.jsonl holds one JSON array, not JSON Lines"),
+    case("finetune.py", ["--base_model", "{root}/fake.gguf"], "fake.gguf is not a GGUF file"),
+    case("generate.py", ["--input_file", "{root}/null.json"], r"null.json: record 3 field 'input' should be text, found null"),
+    # 4. models and adapters that cannot be reached or do not fit
+    case("finetune.py", ["--base_model", "huggyllama/llama-7bb"],
+         "base model 'huggyllama/llama-7bb' is not in the local Hugging Face cache and the Hub cannot be reached", NO_NETWORK),
+    case("finetune.py", ["--data_path", "yahma/alpaca-cleanedd"], "data set 'yahma/alpaca-cleanedd' is not in the local", NO_NETWORK),
+    case("finetune.py", ["--base_model", "{root}/no-config"], "no-config has no config.json: not a Hugging Face model directory"),
+    case("generate.py", ["--lora_weights", "tloen/alpaca-lora-7bb"], "adapter 'tloen/alpaca-lora-7bb' is not in the local", NO_NETWORK),
+    case("generate.py", ["--base_model", "{gqa}", "--lora_weights", "{adapter}"],
+         r"adapter .* was trained for another base model: its model.layers.0.self_attn.v_proj has output size 64, the base model has output size 32"),
+    case("evaluate.py", ["--lora_weights", "{root}/no-config"], "has no adapter_config.json"),
+    case("export_hf_checkpoint.py", ["--base_model", "{gqa}", "--lora_weights", "{adapter}"], "was trained for another base model"),
+    case("export_gguf.py", ["--base_model", "meta-llama/Llama-2-7b-hf"], "is not in the local Hugging Face cache", NO_NETWORK),
+]
+
+
+def run_script(script, args, env=None, cwd=REPO):
+    environ = dict(os.environ, **{k: v for k, v in (env or {}).items() if v is not None})
+    for key in [k for k, v in (env or {}).items() if v is None]:
+        environ.pop(key, None)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=120)
+    return proc, time.perf_counter() - started
+
+
+OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "export_hf_checkpoint.py": "--output_dir",
+               "export_state_dict_checkpoint.py": "--output_dir", "export_onnx.py": "--output_dir",
+               "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output"}
+
+
+@pytest.mark.parametrize("script, args, message, env", MISTAKES)
+def test_a_mistake_is_one_line_before_any_work(files, tmp_path, script, args, message, env):
+    args = [a.format(**files) for a in args]
+    out = tmp_path / "out"
+    if OUTPUT_FLAG[script] not in args and not any(a.startswith("--micro_batchsize") for a in args):
+        args += [OUTPUT_FLAG[script], str(out)]
+    proc, seconds = run_script(script, args, env, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no output, and nothing else in the working directory either
+    assert (files["root"] / "earlier-run" / "adapter_model.safetensors").read_text() == "an earlier run"
+    assert seconds < SECONDS, f"{seconds:.1f} s to fail"
+
+
+def test_a_busy_port_is_found_before_the_model_loads(files, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc, seconds = run_script("generate.py", ["--base_model", str(files["tiny"]), "--server_port", str(port)], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: cannot serve on 127.0.0.1:{port} (Address already in use); pass another --server_port (or --server_name)")
+    assert "Loading" not in proc.stderr and seconds < SECONDS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_quick_plain_and_complete(script):
+    proc, seconds = run_script(script, ["--help"])
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python {script} "), proc.stderr
+    assert seconds < 2, f"{seconds:.1f} s for --help"
+    assert "INFO:" not in proc.stdout and "Optional[" not in proc.stdout and str(REPO) not in proc.stdout
+    flags = re.findall(r"^  --(\w+) ", proc.stdout, re.M)
+    assert len(flags) >= 4 and all(re.search(rf"^  --{f} .*\n      \S", proc.stdout, re.M) for f in flags)
+
+
+def test_finetune_help_shows_defaults_as_typed():
+    text = run_script("finetune.py", ["--help"])[0].stdout
+    assert "--data_path TEXT (default: data/alpaca_en_demo.json)" in text
+    assert "--lora_target_modules TEXT|LIST (default: [q_proj,v_proj])" in text
+    assert "--bf16 BOOL\n" in text and "--val_set_size FLOAT\n" in text
+
+
+@pytest.mark.parametrize("error, message", [
+    ("GatedRepoError", "base model 'meta-llama/Llama-3.1-8B' is gated: accept its license at https://huggingface.co/meta-llama/Llama-3.1-8B"),
+    ("RepositoryNotFoundError", "no model 'meta-llama/Llama-3.1-8B' on the Hugging Face Hub: check the spelling"),
+])
+def test_hub_refusals_are_one_line_with_the_fix(monkeypatch, error, message):
+    """Online, a gated or unknown Hub id is named with its fix (the Hub's answer is simulated: tests stay offline)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from utils import hub
+    from utils.cli import UserError
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "cached", lambda *a: False)
+    monkeypatch.setattr(huggingface_hub, "auth_check", lambda *a, **k: (_ for _ in ()).throw(getattr(errors, error)("no", response=response)))
+    with pytest.raises(UserError, match=re.escape(message)):
+        hub.check_hub_repo("meta-llama/Llama-3.1-8B", "model", "base model")
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("learning_rate", 3e-4, 3e4), ("learning_rate", 1.0, 0), ("num_epochs", 0.5, 0), ("max_steps", -1, -2),
+    ("max_steps", 1, 0), ("cutoff_len", 1, 0), ("val_set_size", 0.05, 1.5), ("val_set_size", 2000, -1),
+    ("lora_r", 1, 0), ("lora_alpha", 0.5, 0), ("lora_dropout", 0.0, 1.0), ("warmup_steps", 0, -1), ("save_steps", 1, 0),
+    ("logging_steps", 1, 0), ("seed", 0, -1), ("quantization", "4bit", "3bit"), ("device_map", "auto", "gpu"),
+    ("wandb_watch", "gradients", "grads"), ("temperature", 0, float("nan")), ("top_p", 1, 0), ("top_k", 0, -1),
+    ("num_beams", 1, 0), ("max_new_tokens", 1, 0), ("server_port", 7860, 0), ("device", "cuda:1", "gpu"),
+    ("num_shards", 8, 0), ("max_shard_size", "500MB", "5 gigs"), ("dtype", "bf16", "float8"), ("batch_size", 1, 0),
+])
+def test_every_rule_takes_a_good_value_and_refuses_a_bad_one(name, good, bad):
+    from utils.checks import check_value
+    from utils.cli import UserError
+
+    check_value(name, good)
+    with pytest.raises(UserError, match=f"^--{name} must be .*, not {re.escape(repr(bad))}$"):
+        check_value(name, bad)
+
+
+def test_demo_and_api_settings_share_the_flag_rules():
+    from utils.cli import UserError
+    from utils.generation import Settings
+
+    with pytest.raises(UserError, match=r"^top_p must be above 0 and at most 1, not 0$"):
+        Settings(top_p=0).checked()
+    with pytest.raises(UserError, match=r"^num_beams must be a whole number, not 1.5$"):
+        Settings(num_beams=1.5).checked()
+    assert Settings(top_k=40.0).checked().top_k == 40  # sliders send floats
