@@ -23,10 +23,11 @@ def export(
         max_shard_size: Largest safetensors file, e.g. 5GB; bigger models are split into numbered shards.
         overwrite_output_dir: Replace an existing export in output_dir (the old one is deleted only on success).
     """
-    from utils import export as ex
     from utils.checks import check_values
 
-    check_values(locals())
+    check_values(locals())  # first, before the imports below take their seconds
+    from utils import export as ex
+
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
         base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
         torch_dtype = ex.resolve_dtype(dtype, config)

@@ -24,11 +24,12 @@ def export(
     """
     import torch
 
-    from utils import export as ex
     from utils.checks import check_values
+
+    check_values(locals())  # first, before the imports below take their seconds
+    from utils import export as ex
     from utils.export_onnx import check_onnx, write_onnx
 
-    check_values(locals())
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
         base_path, adapter, _ = ex.check_inputs(base_model, lora_weights)
         log(f"Merging {ex.describe(base_model, adapter)} in float32")

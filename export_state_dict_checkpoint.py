@@ -24,11 +24,12 @@ def export(
         dtype: auto (the base's own) | float32 | float16 | bfloat16 (Meta published LLaMA-2 in bfloat16).
         overwrite_output_dir: Replace an existing export in output_dir (the old one is deleted only on success).
     """
-    from utils import export as ex
     from utils.checks import check_values
+
+    check_values(locals())  # first, before the imports below take their seconds
+    from utils import export as ex
     from utils.export_meta import check_meta, write_meta
 
-    check_values(locals())
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
         base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
         check_meta(config, num_shards)

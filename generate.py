@@ -79,9 +79,10 @@ def main(
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
     """
     from utils.checks import check_values
+
+    check_values(locals())  # first, before the imports below take their seconds
     from utils.generation import Settings
 
-    check_values(locals())
     settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
     quantization = pick_quantization_flag(load_8bit, load_4bit)
     batch_mode = bool(instruction or input_file)

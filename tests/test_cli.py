@@ -96,6 +96,7 @@ MISTAKES = [
     case("generate.py", ["--base_model", "{gqa}", "--lora_weights", "{adapter}"],
          r"adapter .* was trained for another base model: its model.layers.0.self_attn.v_proj has output size 64, the base model has output size 32"),
     case("evaluate.py", ["--lora_weights", "{root}/no-config"], "has no adapter_config.json"),
+    case("generate.py", ["--base_model", "{adapter}"], "adapter is a LoRA adapter, not a base model: pass it as --lora_weights"),
     case("export_hf_checkpoint.py", ["--base_model", "{gqa}", "--lora_weights", "{adapter}"], "was trained for another base model"),
     case("export_gguf.py", ["--base_model", "meta-llama/Llama-2-7b-hf"], "is not in the local Hugging Face cache", NO_NETWORK),
 ]

@@ -48,6 +48,9 @@ def resolve_base_model(base_model: Optional[str]) -> str:
         check_gguf_magic(path)
         return str(gguf_to_hf(path))
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise UserError(f"{base_model} is a LoRA adapter, not a base model: pass it as --lora_weights (or "
+                            "--resume_from_checkpoint), and the model it was trained on as --base_model")
         if not (path / "config.json").is_file():
             raise UserError(f"base model directory {base_model} has no config.json: not a Hugging Face model "
                             "directory (pass the folder holding config.json and the weights, or a .gguf file)")
