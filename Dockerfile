@@ -3,11 +3,14 @@
 #   GPU (default):  docker build -t alpaca-lora .
 #   CPU only:       docker build --build-arg VARIANT=cpu -t alpaca-lora:cpu .
 #
+# The classic builder (no BuildKit: Debian's docker.io 20.10, docker-compose 1.29) builds every stage, so it pulls
+# CUDA_IMAGE for a CPU build too: there, pass --build-arg CUDA_IMAGE=<the CPU base> (it is otherwise unused).
+#
 # The GPU image runs PyTorch's CUDA 13.0 wheels (the build PyPI serves for the pinned torch) on NVIDIA's
 # CUDA 13.0 runtime image: the host needs an NVIDIA driver >= 580 and the NVIDIA Container Toolkit.
 # For an older driver build PyTorch's CUDA 12.6 wheels instead:
 #   docker build --build-arg CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
-#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 # The CUDA version in CUDA_IMAGE and TORCH_INDEX_URL must agree (tests/test_docker.py checks the defaults).
 #
 # Other build arguments:
@@ -46,6 +49,7 @@ RUN apt-get update \
         printf '%s\n' "${EXTRA_CA_CERTS}" > /usr/local/share/ca-certificates/extra.crt && update-ca-certificates; fi \
     && python3 -m venv /opt/venv
 
+# pip, Python's ssl and requests read the system's bundle (with EXTRA_CA_CERTS), not their own copy of it.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -56,8 +60,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
-
-# pip, Python's ssl and requests read the system's bundle (with EXTRA_CA_CERTS), not their own copy of it.
 
 # A non-root user. Ubuntu images ship a user `ubuntu` with uid 1000: it makes way for ours. Build with
 # --build-arg UID=$(id -u) so that files written into bind mounts (cache, training output) belong to you.
