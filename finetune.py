@@ -107,8 +107,10 @@ def train(
 
     check_values(arguments)
     from utils import models, training
+    from utils.distributed import check_launcher, gather_adapter
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_launcher()
     target_modules = parse_target_modules(lora_target_modules)
     grad_accum = training.check_batch_sizes(batch_size, micro_batch_size, world_size)
     if device_map == "auto" and world_size > 1:
@@ -178,10 +180,11 @@ def train(
         # The adapter that is saved is the best one, reloaded at the end. The Trainer has already validated the last
         # step (and every checkpoint), so the best loss is known: no second validation pass at the end.
         metrics["final_eval_loss"] = trainer.state.best_metric
+    state_dict = gather_adapter(trainer)  # on every rank: FSDP and ZeRO-3 hold the weights in shards
     if trainer.is_world_process_zero():
         from utils.metrics import write_reports
 
-        save_run(trainer, tokenizer, out, arguments)
+        save_run(trainer, tokenizer, out, arguments, state_dict)
         write_reports(trainer.state.log_history, metrics, out, f"LoRA r={lora_r} on {Path(base_path).name}")
     log(f"Saved the LoRA adapter to {out}")
 
@@ -294,12 +297,13 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     return trainer
 
 
-def save_run(trainer, tokenizer, out: Path, arguments: dict) -> None:
-    """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used."""
+def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict] = None) -> None:
+    """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used.
+    state_dict: the adapter's weights gathered from sharded ranks (utils.distributed.gather_adapter)."""
     from utils.training import save_atomically
 
     def save(tmp: Path):
-        trainer.model.save_pretrained(tmp)
+        trainer.model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
 

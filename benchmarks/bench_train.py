@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                    # CPU: the embedded SmolLM2-135M (about 10 minutes on 2 cores)
     python benchmarks/bench_train.py --gpu --size 7b    # one GPU: random LLaMA-7B shapes, bf16 / 8-bit / 4-bit, MFU
     python benchmarks/bench_train.py --smoke            # seconds: the --gpu code path on a tiny model, on any machine
+    python benchmarks/bench_train.py --scaling          # CPU: 1 process x 2 threads vs 2 DDP processes x 1 thread
 
 Every recipe trains through finetune.py's own wrap_lora + build_trainer (the Hugging Face Trainer), each in a
 fresh subprocess so that peak memory and thread settings do not leak from one recipe to the next. All recipes see
@@ -145,6 +146,7 @@ def run_recipe(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun: DDP, each rank runs a share of every batch
     torch.manual_seed(spec["seed"])
     device = models.pick_device("auto")
     tokenizer = models.load_tokenizer(spec["tokenizer"])
@@ -165,12 +167,13 @@ def run_recipe(spec: dict) -> dict:
         micro = spec.get("micro_batch_size", spec["micro_batch"])
         out = Path(tempfile.mkdtemp(prefix="bench-"))
         trainer = finetune.build_trainer(
-            model, tokenizer, data, None, out, device, total_steps=spec["steps"] + spec["warmup"], micro_batch_size=micro, grad_accum=spec["batch_size"] // micro,
+            model, tokenizer, data, None, out, device, total_steps=spec["steps"] + spec["warmup"], micro_batch_size=micro,
+            grad_accum=spec["batch_size"] // (micro * world),
             num_epochs=1, max_steps=spec["steps"] + spec["warmup"], learning_rate=3e-4, warmup_steps=0,
             save_steps=10**6, logging_steps=1, group_by_length=spec.get("group_by_length", False),
             packing=spec["packing"], gradient_checkpointing=spec.get("gradient_checkpointing", False),
             torch_compile=spec.get("torch_compile", False), bf16=spec.get("bf16"), report_to=["none"], run_name=None,
-            seed=spec["seed"], world_size=1)
+            seed=spec["seed"], world_size=world)
 
     # Count what each micro-batch holds as it reaches the loss (the dataloader reads one batch ahead, so
     # counting in the collator would credit tokens to the wrong step).
@@ -200,12 +203,16 @@ def run_recipe(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
 
+    if world > 1:  # every rank counted its own micro-batches: the run's tokens are their sum (steps are in lockstep)
+        tokens = torch.tensor([m[1:] for m in marks], dtype=torch.float64)
+        torch.distributed.all_reduce(tokens)
+        marks = [(m[0], int(r), int(t)) for m, (r, t) in zip(marks, tokens.tolist())]
     timed = marks[spec["warmup"]:]
     seconds, real, total = (timed[-1][i] - timed[0][i] for i in range(3))
     per_step = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(timed, timed[1:])]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = dict(
-        real_tokens=real, all_tokens=total, seconds=round(seconds, 2),
+        processes=world, threads=torch.get_num_threads(), real_tokens=real, all_tokens=total, seconds=round(seconds, 2),
         tokens_per_s=round(real / seconds, 1), tokens_per_s_median_step=round(statistics.median(per_step), 1),
         padding_fraction=round(1 - real / total, 3), losses=[round(x, 4) for x in losses],
         warmup_s=round(marks[spec["warmup"]][0] - marks[0][0], 1),
@@ -224,9 +231,15 @@ def run_recipe(spec: dict) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def run_in_subprocess(spec: dict) -> dict:
-    """One recipe in a fresh interpreter: clean peak memory, no compiled graphs or threads carried over."""
-    proc = subprocess.run([sys.executable, __file__, "--_recipe", json.dumps(spec)], capture_output=True, text=True)
+def run_in_subprocess(spec: dict, processes: int = 1) -> dict:
+    """One recipe in a fresh interpreter: clean peak memory, no compiled graphs or threads carried over. With
+    processes > 1, that many DDP ranks under torchrun (gloo on CPU), one thread each; rank 0 reports."""
+    launcher = [sys.executable]
+    env = dict(os.environ)
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        env["OMP_NUM_THREADS"] = str(spec.get("threads") or 1)
+    proc = subprocess.run([*launcher, __file__, "--_recipe", json.dumps(spec)], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -263,6 +276,35 @@ def print_table(results: dict, reference: str) -> None:
               f"{r['warmup_s']:>9.1f}  {mfu}")
 
 
+SCALING = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread (DDP)": (2, 1)}
+
+
+def run_scaling(common: dict, base_model: str, output: str) -> None:
+    """Data parallel on CPU, same global batch and records: is 2 DDP ranks x 1 thread worth more than 1 rank x 2?"""
+    report = dict(machine=machine_name(False), cpu=cpu_model(), cpus=os.cpu_count(),
+                  model="SmolLM2-135M (embedded)" if not base_model else Path(base_model).name,
+                  settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model", "threads")},
+                  recipe="packed", lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj", results={})
+    output = Path(output or REPO / "benchmarks" / "results" / f"{report['machine']}-scaling.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for name, (processes, threads) in SCALING.items():
+        load = os.getloadavg()[0]
+        r = report["results"][name] = run_in_subprocess(dict(common, name=name, packing=True, threads=threads), processes)
+        r["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+        print(f"{name}: {r['tokens_per_s']} real tokens/s, losses {r['losses']}", flush=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+    speed = {name: r["tokens_per_s"] for name, r in report["results"].items()}
+    one_core, two_threads, ddp = speed.values()
+    # The same 2 cores as 2 ranks or as 2 threads of one process; and each against one core (ideal: 2x, 100%).
+    report["ddp_vs_threads"] = round(ddp / two_threads, 2)
+    report["efficiency"] = {name: round(speed[name] / (one_core * processes * threads), 2)
+                            for name, (processes, threads) in SCALING.items()}
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in report["results"].items():
+        print(f"{name:<30}{r['tokens_per_s']:>8.1f} real tokens/s   efficiency {report['efficiency'][name]:.0%}")
+    print(f"2 DDP processes x 1 thread / 1 process x 2 threads: {report['ddp_vs_threads']:.2f}x\nwrote {output}")
+
+
 def main(
     recipes: str = "",
     steps: int = 3,
@@ -275,6 +317,8 @@ def main(
     gpu: bool = False,
     size: str = "7b",
     smoke: bool = False,
+    scaling: bool = False,
+    base_model: str = "",
     tokenizer: str = "",
     work_dir: str = "",
     peak_tflops: float = H100_BF16_FLOPS / 1e12,
@@ -295,6 +339,8 @@ def main(
         gpu: Random LLaMA shapes on the GPU, with MFU.
         size: The --gpu model shape: 7b, 13b or tiny.
         smoke: The --gpu code path with a tiny model and 1+1 steps (seconds, on any machine).
+        scaling: CPU data parallel: the packed recipe as 1 process x 1 and x 2 threads, and 2 DDP processes x 1 thread.
+        base_model: Model directory for the CPU runs; default: the embedded SmolLM2.
         tokenizer: Tokenizer directory; default: the embedded SmolLM2's.
         work_dir: Where --gpu builds its random checkpoint; default: alpaca-lora-bench in the system's temp folder.
         peak_tflops: The MFU denominator, in TFLOP/s (a measured H100/H200 bf16 matmul by default).
@@ -314,8 +360,10 @@ def main(
         if bad:
             raise UserError(message)
     work_dir = work_dir or str(Path(tempfile.gettempdir()) / "alpaca-lora-bench")
-    if _recipe:  # child process
-        print("RESULT " + json.dumps(run_recipe(json.loads(_recipe))), flush=True)
+    if _recipe:  # child process (or torchrun rank: rank 0 reports)
+        result = run_recipe(json.loads(_recipe))
+        if os.environ.get("RANK", "0") == "0":
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     from utils.models import load_tokenizer, resolve_base_model
@@ -327,7 +375,9 @@ def main(
     tokenizer = load_tokenizer(tokenizer_dir)
     names = recipes.split(",") if recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
     common = dict(steps=steps, warmup=warmup, batch_size=batch_size, micro_batch=micro_batch,
-                  cutoff_len=cutoff_len, seed=42, threads=threads, tokenizer=tokenizer_dir, base_model=None)
+                  cutoff_len=cutoff_len, seed=42, threads=threads, tokenizer=tokenizer_dir, base_model=base_model or None)
+    if scaling:
+        return run_scaling(common, base_model, output)
     if gpu:
         import torch
 

@@ -21,6 +21,16 @@ def test_recipe_counts_real_tokens_and_padding(tiny_model, packing):
     assert 0 < r["mfu"] < 1
 
 
+def test_ddp_recipe_counts_the_tokens_of_every_rank(tiny_model):
+    """--scaling's 2-process run: two torchrun ranks (gloo) train the same global batches as one process."""
+    spec = dict(steps=1, warmup=1, batch_size=8, micro_batch=4, cutoff_len=400, seed=42, threads=1,
+                tokenizer=str(tiny_model), base_model=str(tiny_model), packing=True)
+    one = bench_train.run_recipe(spec)
+    two = bench_train.run_in_subprocess(dict(spec, name="ddp"), processes=2)
+    assert (two["processes"], two["threads"], len(two["losses"])) == (2, 1, 2)
+    assert (two["real_tokens"], two["all_tokens"]) == (one["real_tokens"], one["all_tokens"]) and two["tokens_per_s"] > 0
+
+
 def test_flops_per_token_is_four_times_the_weights_for_llama_7b():
     from transformers import LlamaConfig
 

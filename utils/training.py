@@ -12,6 +12,7 @@ from utils.cli import UserError, check_writable, log
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+FSDP_WEIGHTS = "pytorch_model_fsdp_0"  # what the Trainer's FSDP checkpoints hold instead: the sharded weights
 
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -42,7 +43,8 @@ def steps_done(checkpoint: str) -> int:
 
 def is_complete_checkpoint(path: Path) -> bool:
     """The Trainer writes trainer_state.json last, so a checkpoint without it was interrupted mid-save."""
-    return (path / "trainer_state.json").is_file() and any((path / f).is_file() for f in ADAPTER_FILES)
+    weights = any((path / f).is_file() for f in ADAPTER_FILES) or (path / FSDP_WEIGHTS).is_dir()
+    return (path / "trainer_state.json").is_file() and weights
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -92,6 +94,8 @@ def resolve_resume(resume_from_checkpoint: Union[None, bool, str], output_dir: P
 
 def check_checkpoint_matches(checkpoint: str, lora_r: int, target_modules: list[str]) -> None:
     """A checkpoint trained with other LoRA shapes cannot resume; say which flag differs."""
+    if not (Path(checkpoint) / "adapter_config.json").is_file():
+        return  # an FSDP checkpoint: sharded weights, no adapter config to compare with
     config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
     if config.get("r") != lora_r:
         raise UserError(f"checkpoint {checkpoint} was trained with --lora_r {config.get('r')}, not {lora_r}")
