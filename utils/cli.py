@@ -25,6 +25,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # peft 0.21 still asks every model for the renamed `is_gradient_checkpointing`: a warning about peft's code that a
 # user of these scripts can do nothing about, printed on every run.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# With deepspeed installed (for the ZeRO configs), accelerate imports it on every run, and on a machine without a GPU
+# deepspeed warns that it "was unable to detect" one: true, expected, and nothing to act on. Its other logs stay.
+logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 REPO = Path(__file__).resolve().parent.parent
 TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")

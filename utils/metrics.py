@@ -53,7 +53,8 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str = "") -> Non
     ax.set_ylabel("loss")
     ax.set_title(title or "LoRA fine-tuning")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if any(series.values()):  # a run too short to log a loss draws empty axes, without an empty legend's warning
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
