@@ -16,7 +16,7 @@ import sys
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 # On CPUs with AVX512-BF16, importing bitsandbytes (which transformers' Trainer does) warns that an optional fast
 # 4-bit kernel could not be fetched from the Hugging Face Hub and tells the user to install `kernels`. Its built-in
@@ -63,7 +63,7 @@ def check_writable(path: str, flag: str) -> None:
         raise UserError(f"--{flag} {path} is not writable ({err.strerror})") from None
 
 
-def run(entry: Callable, argv: list[str] = None) -> None:
+def run(entry: Callable, argv: Optional[list[str]] = None) -> None:
     """Parse and type-check the flags, then fire.Fire(entry) with them (each entry checks its values' ranges first,
     with utils/checks.py); a UserError anywhere is `error: ...` on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
