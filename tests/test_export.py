@@ -147,6 +147,7 @@ def test_gguf_embeds_the_sentencepiece_tokenizer(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_gguf_of_the_embedded_model_keeps_its_bpe_tokenizer(tmp_path, embedded_model):
     """SmolLM2: byte-level BPE with merges, 3 KV heads, tied embeddings (reading a 49K vocabulary takes ~20 s)."""
+    import gguf
     from transformers import AutoTokenizer
 
     from export_gguf import export
@@ -156,6 +157,8 @@ def test_gguf_of_the_embedded_model_keeps_its_bpe_tokenizer(tmp_path, embedded_m
     export(base_model=embedded_model, lora_weights=str(adapter), output_file=str(out), outtype="f16")
     original = AutoTokenizer.from_pretrained(embedded_model)
     embedded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    pre = gguf.GGUFReader(out).fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[pre.data[0]]).decode() == "smollm"  # the name llama.cpp knows (and the shipped file has)
     for text in [*TEXTS, "<|im_start|>user\nHi!<|im_end|>\n"]:
         assert embedded(text).input_ids == original(text).input_ids
         assert embedded.decode(embedded(text).input_ids) == text
