@@ -195,13 +195,23 @@ def bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     kinds = [step.get("type") for step in steps]
     byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else {}
     if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt2"
+        # llama.cpp's converter names a tokenizer by hashing a sample tokenization, so a vocabulary without
+        # multi-digit tokens (SmolLM's, whose copy converted from GGUF has no Digits step) is "smollm" all the same.
+        return "smollm" if splits_digits(tokenizer_json) else "gpt-2"  # llama.cpp knows "gpt-2", not "gpt2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
         return "smollm"  # GPT-2's regex after splitting digits one by one (SmolLM, StarCoder)
     if kinds == ["Split", "ByteLevel"] and LLAMA3_SPLIT in str(steps[0].get("pattern", {}).get("Regex", "")):
         return "llama-bpe"
     log(f"warning: unrecognised pre-tokenizer {kinds}; llama.cpp will split text its default way")
     return "default"
+
+
+def splits_digits(tokenizer_json: dict) -> bool:
+    """Whether this tokenizer cuts a run of digits into single digits."""
+    from tokenizers import Tokenizer
+
+    digits = "3333333"
+    return Tokenizer.from_str(json.dumps(tokenizer_json)).encode(digits, add_special_tokens=False).tokens == list(digits)
 
 
 def mark_added_tokens(types: list, tokenizer_json: dict) -> None:
