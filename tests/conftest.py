@@ -37,6 +37,16 @@ def embedded_model() -> str:
     return resolve_base_model(None)
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """generate.main sets torch's (process-wide) thread count for serving; later tests get the default back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     """40 real Alpaca records from the shipped sample."""

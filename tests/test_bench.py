@@ -1,5 +1,7 @@
-"""benchmarks/bench_train.py measures what it claims: real tokens, padding, and the --gpu (MFU) path on a tiny model."""
+"""The benchmarks measure what they claim: bench_train.py real tokens, padding and the --gpu (MFU) path on a tiny
+model; bench_generate.py first-token latency and decoding speed, and its verdict against llama.cpp."""
 
+import json
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 from tiny import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_generate  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -46,3 +49,40 @@ def test_smoke_runs_every_gpu_recipe(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.is_file() and "packed-bf16" in out.read_text()
+
+
+# --- benchmarks/bench_generate.py -------------------------------------------------------------------------------
+
+def test_generate_timer_measures_first_token_and_decoding(monkeypatch):
+    clock = iter([10.0, 10.2, 10.3, 10.4, 10.5])
+    monkeypatch.setattr(bench_generate.time, "perf_counter", lambda: next(clock))
+    timer = bench_generate.Timer()  # the request is sent at 10.0
+    for piece in ["Alpacas", "", " are", " gentle", "."]:
+        if piece:
+            timer.piece(piece)
+    timer.tokens = 5
+    assert timer.result() == dict(first_token_s=0.2, tokens=5, decode_tokens_per_s=13.3, total_s=0.5)
+
+
+def test_generate_verdict_compares_the_same_precision():
+    table = {"bf16-compiled": {"tab greedy": dict(first_token_s=0.1, decode_tokens_per_s=50)},
+             "fp32": {"tab greedy": dict(first_token_s=0.6, decode_tokens_per_s=40)},
+             "llama.cpp bf16": {"tab greedy": dict(first_token_s=0.1, decode_tokens_per_s=90)},
+             "llama.cpp f32": {"tab greedy": dict(first_token_s=0.1, decode_tokens_per_s=60)}}
+    assert bench_generate.verdict(table, "2") == [
+        "bf16-compiled, tab greedy: 0.56x llama.cpp bf16's tokens/s (2 threads), first token 0.100 s: within the bar",
+        "fp32, tab greedy: 0.67x llama.cpp f32's tokens/s (2 threads), first token 0.600 s: NOT within the bar"]
+
+
+@pytest.mark.slow
+def test_generate_smoke_serves_every_configuration_and_scenario(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_generate.py", "--smoke", "--output", str(out),
+                           "--work_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == set(bench_generate.CONFIGS)
+    for config, scenarios in report["summary"].items():
+        assert set(scenarios) == set(bench_generate.SCENARIOS), config
+        assert scenarios["api greedy"]["tokens"] > 1 and scenarios["api greedy"]["first_token_s"] > 0
+    assert report["fp32_greedy_identical"] is True

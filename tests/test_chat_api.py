@@ -173,7 +173,8 @@ def test_chat_tab_keeps_the_history(gen, chat, prompts):
 def test_api_flag_reaches_the_app(tiny_model, monkeypatch):
     seen = {}
     monkeypatch.setattr(generate, "launch", lambda app, **kwargs: seen.update(app=app, **kwargs))
-    generate.main(base_model=str(tiny_model), api=True, api_max_tokens=100, auth="alice:pw", chat_template="alpaca_chat")
+    generate.main(base_model=str(tiny_model), api=True, api_max_tokens=100, auth="alice:pw", chat_template="alpaca_chat",
+                  compile=False)
     routes = [r.path for r in seen["app"].openai_routes(seen["auth"])]
     assert routes == ["/v1/chat/completions", "/v1/models"]
 

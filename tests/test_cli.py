@@ -15,7 +15,7 @@ from gen_helpers import make_adapter
 from tiny import REPO
 
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
-           "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py"]
+           "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py"]
 SECONDS = 5  # a generous upper bound: these fail before any model loads (most in well under a second)
 # An endpoint where nothing listens: the Hub "cannot be reached", as on a machine without a network.
 NO_NETWORK = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None}
@@ -54,6 +54,9 @@ MISTAKES = [
     case("finetune.py", ["tloen/alpaca"], "unexpected argument 'tloen/alpaca'"),
     case("generate.py", ["--lora_weight", "./lora-alpaca"], "unknown flag --lora_weight: did you mean --lora_weights?"),
     case("generate.py", ["--stream", "sometimes"], "--stream takes True or False"),
+    case("generate.py", ["--compile", "maybe"], "--compile takes True or False, not 'maybe'"),
+    case("generate.py", ["--bf16", "half"], "--bf16 takes True or False"),
+    case("benchmarks/bench_generate.py", ["--round", "3"], "unknown flag --round: did you mean --rounds?"),
     case("evaluate.py", ["--lora-weight", "x"], "unknown flag --lora-weight: did you mean --lora_weights?"),
     case("export_hf_checkpoint.py", ["--dtype", "fp16", "--dtype", "bf16"], "--dtype is given twice"),
     case("export_gguf.py", ["--out_type", "q8_0"], "did you mean --outtype?"),
@@ -75,6 +78,13 @@ MISTAKES = [
     case("generate.py", ["--top_p", "1.5"], "--top_p must be above 0 and at most 1"),
     case("generate.py", ["--server_port", "70000"], "--server_port must be a port number from 1 to 65535"),
     case("generate.py", ["--device", "gpu"], "--device must be auto, cpu, mps, cuda or cuda:N"),
+    case("generate.py", ["--threads", "-2"], "--threads must be at least 0, not -2"),
+    case("generate.py", ["--load_8bit", "--bf16"], "--bf16 applies to unquantized weights: drop it or --load_8bit"),
+    case("generate.py", ["--load_4bit", "--compile"], "--compile applies to unquantized weights: drop it or --load_4bit"),
+    case("benchmarks/bench_generate.py", ["--rounds", "0"], "--rounds must be at least 1"),
+    case("benchmarks/bench_generate.py", ["--configs", "fp16"], "unknown configuration.*choose from before, fp32, fp32-compiled"),
+    case("benchmarks/bench_generate.py", ["--llama_threads", "two"], "--llama_threads must be whole numbers above 0"),
+    case("benchmarks/bench_generate.py", ["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     case("evaluate.py", ["--lora_weights", "{adapter}", "--num_beams", "0"], "--num_beams must be at least 1"),
     case("export_hf_checkpoint.py", ["--dtype", "float8"], "--dtype must be one of auto, float32"),
     case("export_hf_checkpoint.py", ["--max_shard_size", "5 gigs"], "--max_shard_size must be a size such as 5GB"),
@@ -113,7 +123,8 @@ def run_script(script, args, env=None, cwd=REPO):
 
 OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "export_hf_checkpoint.py": "--output_dir",
                "export_state_dict_checkpoint.py": "--output_dir", "export_onnx.py": "--output_dir",
-               "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output"}
+               "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output",
+               "benchmarks/bench_generate.py": "--output"}
 
 
 @pytest.mark.parametrize("script, args, message, env", MISTAKES)
@@ -187,7 +198,7 @@ def test_hub_refusals_are_one_line_with_the_fix(monkeypatch, error, message):
     ("lora_r", 1, 0), ("lora_alpha", 0.5, 0), ("lora_dropout", 0.0, 1.0), ("warmup_steps", 0, -1), ("save_steps", 1, 0),
     ("logging_steps", 1, 0), ("seed", 0, -1), ("quantization", "4bit", "3bit"), ("device_map", "auto", "gpu"),
     ("wandb_watch", "gradients", "grads"), ("temperature", 0, float("nan")), ("top_p", 1, 0), ("top_k", 0, -1),
-    ("num_beams", 1, 0), ("max_new_tokens", 1, 0), ("server_port", 7860, 0), ("device", "cuda:1", "gpu"),
+    ("num_beams", 1, 0), ("max_new_tokens", 1, 0), ("server_port", 7860, 0), ("device", "cuda:1", "gpu"), ("threads", 0, -1),
     ("num_shards", 8, 0), ("max_shard_size", "500MB", "5 gigs"), ("dtype", "bf16", "float8"), ("batch_size", 1, 0),
 ])
 def test_every_rule_takes_a_good_value_and_refuses_a_bad_one(name, good, bad):

@@ -134,6 +134,13 @@ def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
     assert alice.predict(*ask("Still there?"), api_name="/generate") == "You asked: Still there?"  # stop is not sticky
 
 
+def test_the_page_says_what_beam_search_costs(gen):
+    app = demo.build_app(gen, DEFAULTS, title="tiny")
+    beams = [c["props"] for c in app.config["components"] if c.get("props", {}).get("label") == "Beams"]
+    assert len(beams) == 2 and all(b["info"] == demo.BEAMS_COST for b in beams)  # the Instruction and Chat tabs
+    assert "Stream off" in demo.BEAMS_COST and "2.5x as long" in demo.BEAMS_COST
+
+
 def test_over_long_input_is_a_visible_error_and_the_server_keeps_serving(url):
     from gradio_client.exceptions import AppError
 
@@ -228,6 +235,7 @@ def test_browser_streams_the_answer_and_fills_examples(gen, url, browser):
     assert seen and seen[-1] == "You asked: Tell me about alpacas.", seen
     assert len(seen) >= 3, seen  # at least two different partials before the final: it streamed
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen
+    assert page.get_by_text(demo.BEAMS_COST).first.is_visible()  # what beam search costs, by its slider
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo-tiny.png"), full_page=True)
 

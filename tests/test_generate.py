@@ -6,7 +6,7 @@ import sys
 import threading
 
 import pytest
-from gen_helpers import REPO, make_adapter, never_eos, scripted, slowed
+from gen_helpers import REPO, free_port, make_adapter, never_eos, scripted, slowed
 
 import generate
 from utils.cli import UserError
@@ -146,6 +146,143 @@ def test_embedded_model_answers_with_the_response_only(embedded_model):
     assert gen.prompter.get_response(prompt + text) == text  # the template's split agrees with new-token decoding
 
 
+# --- faster decoding: the compiled step, bf16, threads -----------------------------------------------------------
+
+def test_compiled_step_keeps_the_fp32_greedy_tokens_and_compiles_once(tiny_model, adapter):
+    """The compiled one-token step answers exactly as the eager model (what generate.py ran before), streamed or
+    not, and a new prompt of another length needs no new compilation: no request waits for the compiler."""
+    import torch._dynamo
+
+    gen = load_generator(str(tiny_model), str(adapter), device="cpu")  # the adapter's layers are compiled too
+    prompts = [gen.render("Tell me about alpacas."), gen.render("Write a long story about alpacas in Peru.", "In French.")]
+    settings = Settings(temperature=0, num_beams=1, max_new_tokens=24)
+    before = [gen.complete([p], settings)[0] for p in prompts]
+    gen.compile()  # warms up on its own prompt
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    after = [gen.complete([p], settings)[0] for p in prompts]
+    with gen.stream(prompts[1], settings) as stream:
+        streamed = "".join(stream).strip()
+    assert [c.text for c in after] == [c.text for c in before] and streamed == before[1].text
+    assert [c.completion_tokens for c in after] == [c.completion_tokens for c in before]
+    beams = gen.complete(prompts, Settings(temperature=0, num_beams=2, max_new_tokens=6))  # batches and beams: eager
+    assert len(beams) == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_bf16_where_the_cpu_computes_it(monkeypatch):
+    import torch
+
+    from utils import generation
+
+    monkeypatch.setattr(generation, "cpu_has_bf16", lambda: True)
+    assert (generation.decoding_dtype("cpu"), generation.decoding_dtype("cpu", False)) == (torch.bfloat16, torch.float32)
+    monkeypatch.setattr(generation, "cpu_has_bf16", lambda: False)
+    assert (generation.decoding_dtype("cpu"), generation.decoding_dtype("cpu", True)) == (torch.float32, torch.bfloat16)
+
+
+class Loaded(Exception):
+    """Raised instead of loading a model: what generate.main asked for is all these tests need."""
+
+
+@pytest.mark.parametrize("flags, dtype, compile, serving", [
+    (dict(), "bfloat16", True, True),  # the demo: bf16 on this (mocked) CPU, compiled, a core left for streaming
+    (dict(instruction="Hi."), "bfloat16", False, False),  # one answer: compiling would cost more than it saves
+    (dict(bf16=False, compile=False, threads=1), "float32", False, None),
+    (dict(instruction="Hi.", compile=True), "bfloat16", True, False),
+])
+def test_generate_py_picks_precision_compilation_and_threads(tiny_model, monkeypatch, flags, dtype, compile, serving):
+    import torch
+
+    from utils import generation
+
+    seen = {}
+    monkeypatch.setattr(generation, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(generation, "load_generator", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(Loaded()))
+    with pytest.raises(Loaded):
+        generate.main(base_model=str(tiny_model), device="cpu", server_port=free_port(), **flags)
+    assert (seen["dtype"], seen["compile"]) == (getattr(torch, dtype), compile)
+    cores = generation.physical_cores()
+    assert torch.get_num_threads() == flags.get("threads", max(1, cores - 1) if serving else cores)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(load_8bit=True, bf16=True), "--bf16 applies to unquantized weights"),
+    (dict(load_4bit=True, compile=True), "--compile applies to unquantized weights"),
+    (dict(threads=-1), "--threads must be at least 0"),
+])
+def test_speed_flags_mistakes_are_one_line(tiny_model, flags, message, no_server):
+    with pytest.raises(UserError, match=message):
+        generate.main(base_model=str(tiny_model), **flags)
+
+
+def held_out_perplexity(gen, records, stepwise: bool = False) -> float:
+    """Perplexity of the responses of `records` (tokenized and masked as in training, as evaluate.py scores them);
+    `stepwise`: through the decoding step, one token at a time after the prompt, as answers are generated."""
+    import math
+
+    import torch
+
+    from utils.data import tokenize_records
+    from utils.evaluation import response_loss
+
+    data = tokenize_records(records, gen.tokenizer, gen.prompter, 256, train_on_inputs=False, add_eos_token=True)
+    if not stepwise:
+        return response_loss(gen.model, data, gen.tokenizer.pad_token_id)["perplexity"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in data:
+            ids, labels = torch.tensor([row["input_ids"]]), row["labels"]
+            start = next(i for i, label in enumerate(labels) if label != -100)  # the first response token
+            out = gen.model(input_ids=ids[:, :start], use_cache=True, logits_to_keep=1)
+            for i in range(start, len(labels)):
+                total -= torch.log_softmax(out.logits[0, -1].float(), -1)[labels[i]].item()
+                count += 1
+                if i + 1 < len(labels):
+                    out = gen.model(input_ids=ids[:, i:i + 1], cache=out.cache, use_cache=True)
+    return math.exp(total / count)
+
+
+def documented_held_out_records() -> list[dict]:
+    """The 50 records the README's documented real run held out (5,923 response tokens)."""
+    from utils.evaluation import held_out_records
+
+    return held_out_records(str(REPO / "data" / "alpaca_en_demo.json"), 50, 42)
+
+
+def test_bf16_keeps_the_held_out_perplexity_within_1_percent(embedded_model):
+    import torch
+
+    records = documented_held_out_records()[:16]
+    fp32 = held_out_perplexity(load_generator(embedded_model, device="cpu"), records)
+    bf16 = held_out_perplexity(load_generator(embedded_model, device="cpu", dtype=torch.bfloat16), records)
+    assert abs(bf16 / fp32 - 1) < 0.01, (fp32, bf16)
+
+
+@pytest.mark.slow
+def test_the_demo_default_keeps_the_held_out_perplexity_within_1_percent(embedded_model):
+    """bf16 through the compiled decoding step, token by token, on all 50 records (a few minutes)."""
+    import torch
+
+    records = documented_held_out_records()
+    fp32 = held_out_perplexity(load_generator(embedded_model, device="cpu"), records)
+    fast = held_out_perplexity(load_generator(embedded_model, device="cpu", dtype=torch.bfloat16, compile=True), records,
+                               stepwise=True)
+    assert abs(fast / fp32 - 1) < 0.01, (fp32, fast)
+
+
+@pytest.mark.slow
+def test_compiled_fp32_step_keeps_the_embedded_models_greedy_answers(embedded_model):
+    from utils.demo import EXAMPLES
+
+    gen = load_generator(embedded_model, device="cpu")
+    prompts = [gen.render(*example) for example in EXAMPLES]
+    settings = Settings(temperature=0, num_beams=1, max_new_tokens=128)
+    before = [gen.complete([p], settings)[0].text for p in prompts]
+    gen.compile()
+    assert [gen.complete([p], settings)[0].text for p in prompts] == before
+
+
 # --- the non-UI mode ------------------------------------------------------------------------------------------
 
 def test_instruction_prints_only_the_answer(tiny_model, adapter, gen, capsys, no_server):
@@ -248,7 +385,7 @@ def test_auth_comes_from_the_environment_when_the_flag_is_empty(tiny_model, monk
     seen = {}
     monkeypatch.setattr(generate, "launch", lambda app, **kwargs: seen.update(kwargs))
     monkeypatch.setenv(generate.AUTH_ENV, "alice:se:cret")
-    generate.main(base_model=str(tiny_model))
+    generate.main(base_model=str(tiny_model), compile=False)  # compiling would only slow the test down
     assert seen == dict(server_name="127.0.0.1", server_port=7860, share=False, auth=("alice", "se:cret"))
 
 

@@ -66,6 +66,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "concurrency_limit": at_least(1),
     "api_max_tokens": at_least(1),
     "api_max_input_tokens": at_least(0),
+    "threads": at_least(0),
     "server_port": PORT,
     "device": DEVICE,
     # exports

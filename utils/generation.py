@@ -4,10 +4,13 @@ Everything here works on an already-rendered prompt string, so a front end only 
 (an Alpaca template, a chat template) and call `Generator.stream` or `Generator.complete`.
 """
 
+import contextlib
 import dataclasses
+import functools
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -85,6 +88,36 @@ class Generator:
         self.tokenizer.padding_side = "left"  # batched generation appends new tokens on the right of every row
         self.prompter = prompter
         self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
+
+    def compile(self) -> None:
+        """Compile the one-token decoding step of one sequence (what streaming, the API and --instruction run) and
+        warm it up now, so that no request waits for the compiler. Prompts, beams and batches stay eager: their
+        shapes would each cost a compilation in the middle of serving."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        model = unwrapped(self.model)
+        eager, on_cpu = model.forward, self.model.device.type == "cpu"
+        if on_cpu:
+            # Weights become constants that inductor repacks for oneDNN's matrix-vector kernels: the main gain on CPU.
+            # (A process-wide setting, read while tracing; it applies to no_grad graphs only.)
+            torch._inductor.config.freezing = True
+
+        def step(*args, **kwargs):
+            # On CPU, attention for one query as plain matmuls, which inductor fuses: the flash kernel's set-up
+            # costs more than the work for a single token.
+            with sdpa_kernel(SDPBackend.MATH) if on_cpu else contextlib.nullcontext():
+                return eager(*args, **kwargs)
+
+        compiled = torch.compile(step, dynamic=True)  # one graph for every cache length
+
+        @functools.wraps(eager)  # generate() reads the signature (logits_to_keep) through __wrapped__
+        def forward(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            one_token = ids is not None and tuple(ids.shape) == (1, 1) and not torch.is_grad_enabled()
+            return (compiled if one_token else eager)(*args, **kwargs)
+
+        model.forward = forward
+        self.complete([self.render("Hi.")], Settings(temperature=0, num_beams=1, max_new_tokens=3))
 
     @property
     def context_length(self) -> Optional[int]:
@@ -208,11 +241,56 @@ class TextStream:
         self.thread.join()
 
 
+def unwrapped(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def physical_cores() -> int:
+    """The cores this process may run on, hyper-threads counted once."""
+    import os
+
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    try:
+        return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/core_cpus_list").read_text() for c in cpus})
+    except OSError:
+        return len(cpus)
+
+
+def decoding_threads(serving: bool) -> int:
+    """Threads for the model on CPU: every physical core, less one while serving. A streamed token wakes the
+    threads that carry it to the user (the streamer, the server); with every core computing they stall each step
+    (2 cores: 51 tokens/s with 1 thread, 30 with 2)."""
+    return max(1, physical_cores() - serving)
+
+
+def decoding_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
+    """The weights' dtype for answering: bf16 where the hardware computes it natively (unset `bf16`), since decoding
+    reads every weight once per token and half the bytes is nearly twice the speed; True/False force bf16 or full
+    precision (fp32 on CPU; on GPUs the training rule, models.pick_dtype: fp16 when not bf16)."""
+    from utils import models
+
+    if device == "cpu":
+        return torch.bfloat16 if (cpu_has_bf16() if bf16 is None else bf16) else torch.float32
+    return models.pick_dtype(device, bf16)
+
+
 def load_generator(base_model: str = "", lora_weights: str = "", quantization: str = "none", device: str = "auto",
-                   prompt_template: str = "alpaca", chat_template: Optional[str] = None) -> Generator:
+                   prompt_template: str = "alpaca", chat_template: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                   compile: bool = False) -> Generator:
     """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first.
 
-    With `chat_template` (a name, "tokenizer" or "" for the default), `generator.chat` renders conversations."""
+    With `chat_template` (a name, "tokenizer" or "" for the default), `generator.chat` renders conversations.
+    `dtype`: the unquantized weights' dtype (default: models.pick_dtype, fp32 on CPU); `compile`: Generator.compile."""
     from utils import models
     from utils.chat import load_chat_template
 
@@ -228,10 +306,11 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
         models.check_adapter_fits(path, lora_weights)
     tokenizer = models.load_tokenizer(path)
     chat = load_chat_template(chat_template, tokenizer) if chat_template is not None else None
+    dtype = dtype or models.pick_dtype(device)
     print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
-          f"({'full precision' if quantization == 'none' else quantization})", file=sys.stderr, flush=True)
-    model = models.load_model(path, quantization, device)
+          f"({str(dtype).removeprefix('torch.') if quantization == 'none' else quantization})", file=sys.stderr, flush=True)
+    model = models.load_model(path, quantization, device, dtype=dtype)
     if lora_weights:
         try:
             model = models.load_adapter(model, lora_weights)
@@ -239,4 +318,7 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
             raise UserError(f"could not load adapter '{lora_weights}': {str(err).splitlines()[0]}") from None
     generator = Generator(model, tokenizer, prompter)
     generator.chat = chat
+    if compile:
+        print("Compiling the decoding step (once, at start)", file=sys.stderr, flush=True)
+        generator.compile()
     return generator

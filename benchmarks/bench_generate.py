@@ -1,0 +1,467 @@
+"""Generation speed: how fast the demo's answers appear, against llama.cpp on the same weights.
+
+    python benchmarks/bench_generate.py                  # CPU, the embedded SmolLM2-135M (about 25 minutes on 2 cores)
+    python benchmarks/bench_generate.py --configs fp32,bf16-compiled --llama f32,bf16 --rounds 1
+    python benchmarks/bench_generate.py --smoke          # a minute: every path on a tiny random model, no llama.cpp
+
+Each transformers configuration is a real generate.py server (the demo and the OpenAI-compatible API, in its own
+subprocess, on a free port), timed over HTTP as users reach it: the Instruction tab through gradio_client, the API
+with streamed chat completions. For each request: the first-token latency (request sent to first text received)
+and the decoding speed, (tokens - 1) / (last text - first text); with 4 concurrent requests also the tokens/s of all
+of them together. llama.cpp (llama-cpp-python, when installed) answers the same Alpaca prompt in-process from GGUF
+exports of the same weights (export_gguf.py) at each precision. Configurations take turns scenario by scenario, so
+that other work on a shared machine slows them alike; the load average is recorded next to every figure.
+Writes benchmarks/results/generate-<machine>.json and prints a table.
+"""
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
+
+INSTRUCTION = "Tell me about alpacas."
+DEMO = dict(temperature=0.1, top_p=0.75, top_k=40, num_beams=4)  # the demo's sliders, the original's defaults
+GREEDY = dict(temperature=0.0, top_p=0.75, top_k=40, num_beams=1)
+# name -> generate.py flags; threads "cores": every physical core. Without a --threads, generate.py leaves one core
+# to the server (a CPU's default since this benchmark exists).
+CONFIGS = {
+    "before": dict(bf16=False, compile=False, threads="cores"),  # what generate.py ran before: fp32, eager, all cores
+    "fp32": dict(bf16=False, compile=False),
+    "fp32-compiled": dict(bf16=False, compile=True),
+    "bf16": dict(bf16=True, compile=False),
+    "bf16-compiled": dict(bf16=True, compile=True),  # the demo's default on a CPU with native bf16
+    "bf16-compiled-all-cores": dict(bf16=True, compile=True, threads="cores"),
+}
+# scenario -> (path, sampling, concurrent requests); "stream off" runs the demo's 4-beam search.
+SCENARIOS = {
+    "tab greedy": ("tab", GREEDY, 1),
+    "tab demo sliders": ("tab", DEMO, 1),
+    "tab demo sliders, stream off (4 beams)": ("tab-beams", DEMO, 1),
+    "api greedy": ("api", GREEDY, 1),
+    "api defaults": ("api", DEMO, 1),
+    "tab greedy x4": ("tab", GREEDY, 4),
+    "tab demo sliders x4": ("tab", DEMO, 4),
+    "api greedy x4": ("api", GREEDY, 4),
+    "api defaults x4": ("api", DEMO, 4),
+}
+LLAMA_SCENARIOS = {"tab greedy": GREEDY, "tab demo sliders": DEMO}  # same prompt and sampling, no server
+LLAMA_FILES = ["f32", "bf16", "f16", "q8_0", "q4_1"]  # transformers has f32 and bf16 on CPU
+
+
+# ---------------------------------------------------------------- one request, timed
+
+class Timer:
+    """Time stamps of the text pieces of one answer."""
+
+    def __init__(self):
+        self.start, self.pieces, self.tokens = time.perf_counter(), [], 0
+
+    def piece(self, text: str) -> None:
+        if text:
+            self.pieces.append(time.perf_counter())
+
+    def result(self) -> dict:
+        first, last = (self.pieces[0], self.pieces[-1]) if self.pieces else (None, None)
+        decode = (self.tokens - 1) / (last - first) if self.pieces and self.tokens > 1 and last > first else None
+        return dict(first_token_s=round(first - self.start, 3) if first else None, tokens=self.tokens,
+                    decode_tokens_per_s=round(decode, 1) if decode else None,
+                    total_s=round((last or time.perf_counter()) - self.start, 3))
+
+
+def tab_request(client, tokenizer, sampling: dict, stream: bool, max_new_tokens: int) -> dict:
+    """The Instruction tab's /generate endpoint, as the page calls it. Tokens are counted in the longest text shown:
+    when the model starts a new "### ..." section, the page drops it from the answer, but it was generated."""
+    timer, longest = Timer(), ""
+    job = client.submit(INSTRUCTION, "", sampling["temperature"], sampling["top_p"], sampling["top_k"],
+                        sampling["num_beams"], max_new_tokens, stream, api_name="/generate")
+    for text in job:
+        timer.piece(text)
+        longest = max(longest, text, key=len)
+    timer.tokens = len(tokenizer(longest, add_special_tokens=False)["input_ids"])
+    return timer.result()
+
+
+def api_request(url: str, sampling: dict, max_new_tokens: int) -> dict:
+    """A streamed POST /v1/chat/completions; tokens from its usage."""
+    import httpx
+
+    timer = Timer()
+    body = dict(model="bench", messages=[{"role": "user", "content": INSTRUCTION}], max_tokens=max_new_tokens,
+                temperature=sampling["temperature"], top_p=sampling["top_p"], stream=True,
+                stream_options={"include_usage": True})
+    with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=None) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: "):])
+            for choice in event.get("choices", []):
+                timer.piece(choice["delta"].get("content") or "")
+            if event.get("usage"):
+                timer.tokens = event["usage"]["completion_tokens"]
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+    return timer.result()
+
+
+def concurrently(request, n: int) -> dict:
+    """`n` copies of one request started together: their median figures and the tokens/s of all of them."""
+    if n == 1:
+        return request()
+    results, barrier = [None] * n, threading.Barrier(n)
+
+    def one(i):
+        barrier.wait()
+        results[i] = request()
+        results[i]["end"] = time.perf_counter()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None for r in results):
+        raise RuntimeError("a concurrent request failed")
+    def middle(key, digits):
+        values = [r[key] for r in results if r[key] is not None]
+        return round(statistics.median(values), digits) if values else None
+
+    return dict(first_token_s=middle("first_token_s", 3), decode_tokens_per_s=middle("decode_tokens_per_s", 1),
+                tokens=sum(r["tokens"] for r in results),
+                all_tokens_per_s=round(sum(r["tokens"] for r in results) / (max(r["end"] for r in results) - started), 1))
+
+
+# ---------------------------------------------------------------- the servers and llama.cpp
+
+class Server:
+    """`python generate.py` serving the demo and the API on a free port, for one configuration."""
+
+    def __init__(self, name: str, spec: dict, tokenizer):
+        from gradio_client import Client
+
+        self.name, self.spec, self.tokenizer, port = name, spec, tokenizer, free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        from utils.generation import physical_cores
+
+        flags = dict(dict(threads=spec["threads"]), **CONFIGS[name], server_port=port, api=True,
+                     api_max_tokens=max(512, spec["max_new_tokens"]), base_model=spec["base_model"],
+                     lora_weights=spec["lora_weights"])
+        flags["threads"] = physical_cores() if flags["threads"] == "cores" else flags["threads"]
+        self.log = tempfile.TemporaryFile(mode="w+")
+        started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "generate.py", *(f"--{k}={v}" for k, v in flags.items() if v != "")],
+                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        while not self.answers():
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit(f"generate.py for {name} failed:\n" + "\n".join(self.log.read().splitlines()[-20:]))
+            time.sleep(0.5)
+        self.info = dict(start_s=round(time.perf_counter() - started, 1), flags=dict(CONFIGS[name], threads=flags["threads"]))
+        self.client = Client(self.url, verbose=False)
+        self.run("tab greedy", 2)  # connections made, the server's first-request work done
+        self.run("api greedy", 2)
+
+    def answers(self) -> bool:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(self.url, timeout=5)
+            return True
+        except OSError:
+            return False
+
+    def run(self, scenario: str, max_new_tokens: int = 0) -> dict:
+        path, sampling, n = SCENARIOS[scenario]
+        tokens = max_new_tokens or self.spec["max_new_tokens"]
+        if path == "api":
+            return concurrently(lambda: api_request(self.url, sampling, tokens), n)
+        return concurrently(lambda: tab_request(self.client, self.tokenizer, sampling, path == "tab", tokens), n)
+
+    def greedy_text(self) -> str:
+        return self.client.predict(INSTRUCTION, "", 0, 0.75, 40, 1, self.spec["max_new_tokens"], False, api_name="/generate")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+class LlamaCpp:
+    """llama.cpp in this process on one GGUF file, answering the same Alpaca prompt (no server around it)."""
+
+    def __init__(self, path: str, threads: int, spec: dict):
+        from llama_cpp import Llama
+
+        from utils.prompts import Prompter
+
+        started = time.perf_counter()
+        self.llm = Llama(model_path=path, n_threads=threads, n_ctx=2048, verbose=False)
+        self.prompt, self.spec = Prompter("alpaca").generate_prompt(INSTRUCTION), spec
+        self.info = dict(start_s=round(time.perf_counter() - started, 1), threads=threads, file=Path(path).name)
+
+    def run(self, scenario: str) -> dict:
+        sampling = LLAMA_SCENARIOS[scenario]
+        self.llm.reset()  # no prompt cache from the previous answer: every request evaluates its prompt
+        timer = Timer()
+        for chunk in self.llm.create_completion(self.prompt, max_tokens=self.spec["max_new_tokens"], stream=True,
+                                                temperature=sampling["temperature"], top_p=sampling["top_p"],
+                                                top_k=sampling["top_k"]):
+            choice = chunk["choices"][0]
+            if choice["text"] or choice["finish_reason"] is None:  # the last chunk only says why it ended
+                timer.piece(choice["text"] or " ")  # a token may be part of a character: still a token
+                timer.tokens += 1
+        return timer.result()
+
+    def greedy_text(self) -> str:
+        self.llm.reset()
+        return self.llm.create_completion(self.prompt, max_tokens=self.spec["max_new_tokens"], temperature=0)["choices"][0]["text"].strip()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+# ---------------------------------------------------------------- driver
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gguf_exports(base_model: str, lora_weights: str, types: list[str], folder: Path) -> dict[str, str]:
+    """GGUF files of the same merged weights (export_gguf.py), made once into `folder`; q4_1 is the file the
+    embedded model ships as (without an adapter only)."""
+    import export_gguf
+    from utils.models import embedded_gguf
+
+    files = {}
+    for outtype in types:
+        if outtype == "q4_1":
+            if not base_model and not lora_weights:
+                files[outtype] = str(embedded_gguf())
+            continue
+        path = folder / f"{Path(lora_weights or base_model or 'smollm2-135m').name}-{outtype}.gguf"
+        if not path.is_file():
+            export_gguf.export(base_model, lora_weights, str(path), outtype)
+        files[outtype] = str(path)
+    return files
+
+
+def smoke_model(folder: Path) -> str:
+    """A tiny random LLaMA with the embedded model's tokenizer: every code path in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from utils.models import load_tokenizer, resolve_base_model
+
+    path = folder / "tiny-llama"
+    if not (path / "config.json").is_file():
+        tokenizer = load_tokenizer(resolve_base_model(None))
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():  # never a token that shows nothing (whitespace, special), so that answers have text
+            blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()]
+            model.lm_head.weight[blank] = 0
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def machine_name() -> str:
+    return f"cpu-{os.cpu_count()}core"
+
+
+def cpu_model() -> str:
+    """The CPU's name and whether it computes bf16 natively (AVX512-BF16, AMX), from /proc/cpuinfo."""
+    from utils.generation import cpu_has_bf16
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        name = platform.processor() or platform.machine()
+    return name + (" (native bf16)" if cpu_has_bf16() else "")
+
+
+def summary(results: dict) -> dict:
+    """Per configuration and scenario: the median over rounds of each figure."""
+    out = {}
+    for worker, scenarios in results.items():
+        for scenario, runs in scenarios.items():
+            good = [r for r in runs if "error" not in r]
+            row = {k: statistics.median(r[k] for r in good if r.get(k) is not None)
+                   for k in ("first_token_s", "decode_tokens_per_s", "all_tokens_per_s", "total_s", "tokens")
+                   if good and any(r.get(k) is not None for r in good)}
+            out.setdefault(worker, {})[scenario] = {k: round(v, 3 if k.endswith("_s") else 1) for k, v in row.items()}
+    return out
+
+
+def verdict(table: dict, threads: str) -> list[str]:
+    """The issue's bar: greedy decoding within 2x of llama.cpp's tokens/s at the same precision (llama.cpp on the
+    physical cores, its fastest), first token under 0.5 s; on the Instruction tab, as users see it, and the API."""
+    lines = []
+    for name in table:
+        precision = "bf16" if CONFIGS.get(name, {}).get("bf16") else "f32"
+        theirs = table.get(f"llama.cpp {precision}", {}).get("tab greedy", {}).get("decode_tokens_per_s")
+        for scenario in ("tab greedy", "api greedy") if name in CONFIGS and theirs else ():
+            ours = table[name].get(scenario)
+            if ours and ours.get("decode_tokens_per_s"):
+                ratio = ours["decode_tokens_per_s"] / theirs
+                ok = ratio >= 0.5 and ours["first_token_s"] < 0.5
+                lines.append(f"{name}, {scenario}: {ratio:.2f}x llama.cpp {precision}'s tokens/s ({threads} threads), "
+                             f"first token {ours['first_token_s']:.3f} s: {'within' if ok else 'NOT within'} the bar")
+    return lines
+
+
+def print_table(table: dict) -> None:
+    names = list(table)
+    widths = [max(20, len(n)) + 2 for n in names]
+    scenarios = list(dict.fromkeys(s for rows in table.values() for s in rows))
+    print(f"{'scenario':<40}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
+    for scenario in scenarios:
+        cells = []
+        for n, w in zip(names, widths):
+            r = table[n].get(scenario)
+            if not r:
+                cell = "-"
+            elif "beams" in scenario:
+                cell = f"{r['total_s']:.1f}s total"
+            else:
+                cell = f"{r.get('first_token_s') or 0:.2f}s {r.get('all_tokens_per_s', r.get('decode_tokens_per_s')) or 0:.1f}t/s"
+            cells.append(f"{cell:>{w}}")
+        print(f"{scenario:<40}" + "".join(cells))
+    print("(first token, then decoding tokens/s of one request; x4: tokens/s of the 4 together)")
+
+
+def main(
+    configs: str = "",
+    llama: str = "",
+    scenarios: str = "",
+    rounds: int = 2,
+    max_new_tokens: int = 128,
+    threads: int = 0,
+    llama_threads: str = "",
+    base_model: str = "",
+    lora_weights: str = "",
+    smoke: bool = False,
+    work_dir: str = "",
+    output: str = "",
+):
+    """Time the demo's and the API's answers per configuration (and llama.cpp on the same weights); write JSON.
+
+    Args:
+        configs: Comma-separated generate.py configurations (see CONFIGS: before, fp32, fp32-compiled, bf16, bf16-compiled, ...); default: all.
+        llama: Comma-separated llama.cpp files (f32, bf16, f16, q8_0, q4_1 = the shipped file); default: all, if llama-cpp-python is installed; none: skip.
+        scenarios: Comma-separated scenario names (see SCENARIOS); default: all.
+        rounds: Times every scenario runs on every configuration (medians are reported).
+        max_new_tokens: Longest answer, in tokens (the demo's default 128).
+        threads: generate.py --threads (0: its own choice).
+        llama_threads: Comma-separated thread counts for llama.cpp; default: the physical cores, and 1.
+        base_model: As generate.py's; default: the embedded SmolLM2-135M-Instruct.
+        lora_weights: An adapter, loaded by generate.py and merged into the GGUF exports.
+        smoke: Every path on a tiny random model, 8 tokens, one round, no llama.cpp (a minute).
+        work_dir: Where GGUF exports and the smoke model are made once; default: alpaca-lora-bench in the system's temp folder.
+        output: The JSON file to write; default: benchmarks/results/generate-<machine>.json.
+    """
+    from utils.checks import check_values
+    from utils.generation import physical_cores
+
+    check_values(dict(max_new_tokens=max_new_tokens, threads=threads))
+    names = [c for c in configs.split(",") if c] or list(CONFIGS)
+    picked = [s for s in scenarios.split(",") if s] or list(SCENARIOS)
+    outtypes = [] if llama == "none" or smoke else [t for t in llama.split(",") if t] or list(LLAMA_FILES)
+    counts = [c for c in str(llama_threads).split(",") if c] or list(dict.fromkeys([str(physical_cores()), "1"]))
+    problems = [(rounds < 1, "--rounds must be at least 1"),
+                (not all(c.isdigit() and int(c) > 0 for c in counts), "--llama_threads must be whole numbers above 0"),
+                (bool(set(names) - set(CONFIGS)), f"unknown configuration(s): choose from {', '.join(CONFIGS)}"),
+                (bool(set(picked) - set(SCENARIOS)), f"unknown scenario(s): choose from {', '.join(SCENARIOS)}"),
+                (bool(set(outtypes) - set(LLAMA_FILES)), f"unknown llama.cpp file(s): choose from {', '.join(LLAMA_FILES)}"),
+                (bool(llama) and llama != "none" and importlib.util.find_spec("llama_cpp") is None,
+                 "--llama needs llama-cpp-python (the README's Performance section says how to build it)")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+    if importlib.util.find_spec("llama_cpp") is None:
+        outtypes = []
+
+    from utils.models import load_tokenizer, resolve_base_model
+
+    work = Path(work_dir or Path(tempfile.gettempdir()) / "alpaca-lora-bench")
+    work.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        base_model, max_new_tokens, rounds = smoke_model(work), 8, 1
+    spec = dict(base_model=base_model, lora_weights=lora_weights, max_new_tokens=max_new_tokens, threads=threads)
+    files = gguf_exports(base_model, lora_weights, outtypes, work) if outtypes else {}
+    tokenizer = load_tokenizer(resolve_base_model(base_model or None))
+
+    report = dict(machine=machine_name(), cpu=cpu_model(), cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"),
+                  model=base_model or "SmolLM2-135M-Instruct (embedded)", lora_weights=lora_weights or None,
+                  instruction=INSTRUCTION, settings=dict(spec, rounds=rounds), configs={}, results={})
+    output = Path(output or REPO / "benchmarks" / "results" / f"generate-{report['machine']}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runners = {}
+    try:
+        for name in names:
+            print(f"starting generate.py {' '.join(f'--{k} {v}' for k, v in CONFIGS[name].items())} ({name})", flush=True)
+            runners[name] = Server(name, spec, tokenizer)
+        for outtype, path in files.items():
+            for count in counts:
+                runners[llama_name(outtype, count, counts)] = LlamaCpp(path, int(count), spec)
+        for name, r in runners.items():
+            report["configs"][name] = r.info
+            print(f"{name}: ready in {r.info['start_s']} s", flush=True)
+        for scenario in picked:
+            for _ in range(rounds):
+                for name, r in runners.items():  # taking turns: other work on the machine slows all alike
+                    if isinstance(r, LlamaCpp) and scenario not in LLAMA_SCENARIOS:
+                        continue
+                    load = os.getloadavg()[0]
+                    try:
+                        result = r.run(scenario)
+                    except Exception as err:  # one failed request is a figure missing, not the run lost
+                        result = {"error": f"{type(err).__name__}: {err}"}
+                    result["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+                    report["results"].setdefault(name, {}).setdefault(scenario, []).append(result)
+                    print(f"[{scenario}] {name}: {result}", flush=True)
+            report["summary"] = summary(report["results"])
+            output.write_text(json.dumps(report, indent=2) + "\n")  # after every scenario: a cut-short run keeps its figures
+        report["greedy_texts"] = texts = {name: r.greedy_text() for name, r in runners.items()}
+        fp32 = [texts[n] for n in ("before", "fp32", "fp32-compiled") if n in texts]
+        report["fp32_greedy_identical"] = len(set(fp32)) == 1 if len(fp32) > 1 else None
+    finally:
+        for r in runners.values():
+            r.close()
+    report["summary"] = summary(report["results"])
+    report["verdict"] = verdict(report["summary"], counts[0])
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print_table(report["summary"])
+    for line in report["verdict"]:
+        print(line)
+    if report["fp32_greedy_identical"] is not None:
+        print(f"fp32 greedy answers, eager and compiled step, identical: {report['fp32_greedy_identical']}")
+    print(f"\nwrote {output}")
+
+
+def llama_name(outtype: str, threads: str, counts: list[str]) -> str:
+    return f"llama.cpp {outtype}" + (f" {threads}t" if threads != counts[0] else "")
+
+
+if __name__ == "__main__":
+    run(main)
