@@ -18,6 +18,9 @@ def export(
 ):
     """Save base + adapter, merged, as a llama.cpp GGUF file (tokenizer embedded), or the adapter alone as a GGUF LoRA.
 
+    Beside a merged file, NAME.Modelfile for Ollama: the conversation template the adapter was trained with, its stop
+    strings and its default system prompt.
+
     Args:
         base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct. Any architecture llama.cpp's converter knows (llama, qwen2, qwen3, gemma2, gemma3, mistral, …).
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
@@ -50,6 +53,13 @@ def export(
             write_gguf(ex.load_merged(base_path, adapter, dtype), base_path, tmp, outtype, pre_tokenizer)
         size = tmp.stat().st_size
     log(f"Saved {output_file} ({outtype}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+    if not adapter_only:
+        from utils.models import load_tokenizer
+        from utils.ollama import write_modelfile
+
+        modelfile = write_modelfile(Path(output_file), adapter, load_tokenizer(base_path))
+        if modelfile:
+            log(f"Saved {modelfile} for Ollama: ollama create alpaca-lora -f {modelfile}")
 
 
 if __name__ == "__main__":

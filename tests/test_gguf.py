@@ -106,7 +106,7 @@ def adapters(tmp_path_factory, tiny_model, tiny_gqa_model) -> dict[Path, Path]:
 def test_tiny_llama(request, llama_cpp, tmp_path, adapters, which, outtype, tolerance):
     base = request.getfixturevalue(which)
     out = export(base, tmp_path / f"model-{outtype}.gguf", adapters[base], outtype=outtype)
-    assert list(tmp_path.iterdir()) == [out]  # no work files left beside it
+    assert set(tmp_path.iterdir()) == {out, out.with_suffix(".Modelfile")}  # no work files left beside it
     llm = load(llama_cpp, out)
     tokenizer = hf_tokenizer(base)
     check_tokenizer(llm, tokenizer, TEXTS[:2])
