@@ -95,6 +95,34 @@ def test_meta_layout_runs_in_reference_code(request, tmp_path, adapters, which, 
     assert max_diff(forward(params, state, ids), peft_logits(base, adapters[base], ids)) < EXACT
 
 
+def test_meta_layout_of_llama3(tmp_path):
+    """A Llama 3.1-shaped base (byte-level BPE, llama3 RoPE scaling with Meta's constants, tied embeddings):
+    params.json as Meta's llama-models reads it, and Meta's maths (scaled RoPE) gives transformers' logits."""
+    from families import make_family_model
+    from utils.export_meta import META_LLAMA3_ROPE
+
+    from export_state_dict_checkpoint import export
+
+    rope = dict(rope_type="llama3", rope_theta=500000.0, **META_LLAMA3_ROPE)
+    base = make_family_model(tmp_path / "base", "llama3", rope_parameters=rope, intermediate_size=192)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "meta"
+    export(base_model=str(base), lora_weights=str(adapter), output_dir=str(out), dtype="float32")
+    params, state = load_consolidated(out)
+    assert params["rope_theta"] == 500000.0 and params["use_scaled_rope"] is True
+    config = json.loads((base / "config.json").read_text())
+    assert params["vocab_size"] == config["vocab_size"] and params["n_kv_heads"] == 2
+    hidden = int(2 * 4 * params["dim"] / 3 * params.get("ffn_dim_multiplier", 1))  # Meta's formula, as the issue states it
+    assert params["multiple_of"] * -(-hidden // params["multiple_of"]) == config["intermediate_size"] == 192
+    check_shapes(params, state)
+    # The tiny tokenizer is trained anew (GPT-2's split, special tokens first): not what Meta's Tokenizer builds.
+    assert not (out / "tokenizer.model").exists() and (out / "tokenizer.json").is_file()
+    ids = token_ids(base)
+    assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) < EXACT
+    params["use_scaled_rope"] = False
+    assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) > 1e-3  # the scaling matters
+
+
 # --- ONNX ---------------------------------------------------------------------------------------------------------
 
 def test_onnx_runs_in_onnxruntime_at_new_shapes(tmp_path, tiny_gqa_model, adapters, capfd):
