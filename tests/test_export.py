@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gen_helpers import make_adapter
+from tiny import ALPACA
 from reference_llama import check_shapes, forward, load_consolidated
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,6 +122,32 @@ def test_meta_layout_of_llama3(tmp_path):
     assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) < EXACT
     params["use_scaled_rope"] = False
     assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) > 1e-3  # the scaling matters
+
+
+def test_tiktoken_ranks_of_a_llama3_style_tokenizer():
+    """A byte-level BPE split with Llama 3's pattern, special tokens appended where Meta's code puts them: the ranks
+    are its ids and each line's base64 is the token's bytes."""
+    import base64
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from utils.export_meta import LLAMA3_PATTERN, LLAMA3_SPECIALS, tiktoken_ranks
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([r["output"] for r in json.loads(ALPACA.read_text())[:200]], trainer)
+    size = tokenizer.get_vocab_size()
+    specials = {offset: name for name, offset in LLAMA3_SPECIALS.items()}
+    tokenizer.add_special_tokens([specials.get(i, f"<|reserved_special_token_{i}|>") for i in range(10)])
+    ranks, problem = tiktoken_ranks(json.loads(tokenizer.to_str()))
+    assert problem == "" and sorted(rank for _, rank in ranks) == list(range(size))
+    decoded = {rank: base64.b64decode(token) for token, rank in ranks}
+    text = "Give 3 tips,\n\n naïve café 日本!"
+    assert b"".join(decoded[i] for i in tokenizer.encode(text).ids) == text.encode()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split: not Meta's
+    assert tiktoken_ranks(json.loads(tokenizer.to_str()))[0] is None
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------------------
