@@ -89,7 +89,7 @@ def rope_parameters(config) -> dict:
 
 
 def meta_params(config, llama3: bool) -> dict:
-    """params.json, every value read from the HF config; Llama 3's always states rope_theta and use_scaled_rope."""
+    """params.json, every value read from the HF config; Llama 3's always states rope_theta."""
     params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": config.num_attention_heads}
     if config.num_key_value_heads != config.num_attention_heads:  # grouped-query attention (LLaMA-2 70B style)
         params["n_kv_heads"] = config.num_key_value_heads
@@ -98,8 +98,8 @@ def meta_params(config, llama3: bool) -> dict:
     params["norm_eps"] = config.rms_norm_eps
     if rope_theta(config) != META_ROPE_THETA or llama3:
         params["rope_theta"] = rope_theta(config)
-    if llama3:
-        params["use_scaled_rope"] = rope_parameters(config).get("rope_type") == "llama3"
+    if rope_parameters(config).get("rope_type") == "llama3":  # Llama 3.1's key; 3.0's code (ModelArgs) rejects it
+        params["use_scaled_rope"] = True
     return params
 
 
