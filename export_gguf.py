@@ -43,9 +43,10 @@ def export(
     start = time.perf_counter()
     with ex.atomic_output_file(output_file, overwrite) as tmp:
         base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
-        check_gguf(config, converter_dir())  # llama.cpp installed, its converter at hand, before the slow merge
         if adapter_only:
             check_adapter_only(adapter)
+        check_gguf(config, converter_dir())  # llama.cpp installed, its converter at hand, before the slow merge
+        if adapter_only:
             write_gguf_lora(Path(adapter), ex.base_dir(base_path), tmp, outtype)
         else:
             dtype = merge_dtype(outtype, ex.resolve_dtype("auto", config))

@@ -265,6 +265,29 @@ def test_num_shards_must_divide_the_heads(tmp_path, tiny_gqa_model):
     assert snapshot(tmp_path) == []
 
 
+def test_gguf_without_llama_cpp_names_the_install_command(tmp_path, tiny_model, monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    import utils.llamacpp
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(utils.llamacpp, "version", missing)
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), output_file=str(tmp_path / "out" / "m.gguf"))
+    assert "pip install llama-cpp-python==0.3.36" in message
+    assert snapshot(tmp_path) == []
+
+
+def test_gguf_adapter_only_mistakes(tmp_path, tiny_model, adapters):
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), lora_weights=str(adapters[tiny_model]),
+                    output_file=str(tmp_path / "a.gguf"), adapter_only=True, outtype="q4_k_m")
+    assert "--adapter_only" in message and "q4_k_m" in message
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), output_file=str(tmp_path / "a.gguf"), adapter_only=True)
+    assert "--lora_weights" in message
+    assert snapshot(tmp_path) == []
+
+
 def test_cli_prints_one_line_error(tmp_path, tiny_model):
     out = tmp_path / "model.gguf"
     result = subprocess.run([sys.executable, "export_gguf.py", "--base_model", str(tiny_model),

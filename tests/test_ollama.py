@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from families import FAMILIES, make_family_model
+from families import make_family_model
 from utils.chat import load_chat_template
 from utils.models import load_tokenizer
 from utils.ollama import modelfile
