@@ -76,7 +76,7 @@ def hf_answer(base: str, lora_weights: str, prompt: str, tokens: int) -> list[in
 
 
 def main(base_model: str = "", lora_weights: str = "", held_out: str = "", records: int = 40, tokens: int = 48,
-         output: str = str(REPO / "benchmarks" / "results" / "gguf.json")):
+         types: list = OUTTYPES, output: str = str(REPO / "benchmarks" / "results" / "gguf.json")):
     """Export base + adapter at each GGUF type and measure it in llama.cpp.
 
     Args:
@@ -85,6 +85,7 @@ def main(base_model: str = "", lora_weights: str = "", held_out: str = "", recor
         held_out: .json records or seed_tasks.jsonl not trained on; required.
         records: held-out seed tasks to compute perplexity on.
         tokens: greedy tokens of the quick-start answer to compare.
+        types: GGUF types to measure.
         output: JSON file to write.
     """
     import llama_cpp
@@ -104,7 +105,7 @@ def main(base_model: str = "", lora_weights: str = "", held_out: str = "", recor
                "held_out": f"first {records} of {Path(held_out).name}", "prompt": prompt,
                "transformers_answer": tokenizer.decode(reference), "types": {}}
     with tempfile.TemporaryDirectory() as folder:
-        for outtype in OUTTYPES:
+        for outtype in types:
             path = Path(folder) / f"{outtype}.gguf"
             start = time.perf_counter()
             export_gguf.export(base_model, lora_weights, str(path), outtype)

@@ -218,3 +218,20 @@ def test_embedded_model_quantized(llama_cpp, embedded):
         worst = max(worst, np.abs(got - want).max())
     print(f"Q4_K_M: argmax {agree / total:.3f} of {total}, largest difference {worst:.2f}")
     assert agree / total >= 0.65 and worst < 20, (agree / total, worst)
+
+
+def test_bench_gguf_smoke(llama_cpp, tmp_path, tiny_model, adapters, alpaca_file):
+    """benchmarks/bench_gguf.py end to end on the tiny LLaMA: one entry per type, with a finite perplexity."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_gguf import main
+
+    out = tmp_path / "gguf.json"
+    main(str(tiny_model), str(adapters[tiny_model]), str(alpaca_file), records=3, tokens=4, types=["f32", "q8_0"],
+         output=str(out))
+    result = json.loads(out.read_text())
+    assert list(result["types"]) == ["f32", "q8_0"]
+    assert all(np.isfinite(t["perplexity"]) and t["size_mib"] > 0 for t in result["types"].values())
+    assert result["types"]["f32"]["same_leading_tokens_as_transformers"] == result["types"]["f32"]["answer_tokens"]
