@@ -109,8 +109,12 @@ def run_converter(script: str, args: list[str], pre_tokenizer: str = "") -> None
 def quantize(source: Path, target: Path, outtype: str) -> None:
     """llama.cpp's own quantizer (llama-quantize's defaults: the K-quant mixes keep some tensors at more bits)."""
     import ctypes
+    import warnings
 
     import llama_cpp
+
+    # llama_cpp opens /dev/null twice at import and never closes it: a ResourceWarning at exit, nothing to act on.
+    warnings.filterwarnings("ignore", message="unclosed file <_io.TextIOWrapper name='/dev/null'", category=ResourceWarning)
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{QUANT_TYPES[outtype]}")
