@@ -103,7 +103,9 @@ def main(base_model: str = "", lora_weights: str = "", held_out: str = "", recor
     reference = hf_answer(base, lora_weights, prompt, tokens)
     results = {"base_model": base_model or "embedded SmolLM2-135M-Instruct", "lora_weights": lora_weights,
                "held_out": f"first {records} of {Path(held_out).name}", "prompt": prompt,
-               "transformers_answer": tokenizer.decode(reference), "types": {}}
+               "transformers_answer": tokenizer.decode(reference),
+               # the base alone, to tell the adapter's behaviour from the base's
+               "transformers_base_answer": tokenizer.decode(hf_answer(base, "", prompt, tokens)), "types": {}}
     with tempfile.TemporaryDirectory() as folder:
         for outtype in types:
             path = Path(folder) / f"{outtype}.gguf"
