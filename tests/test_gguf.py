@@ -166,6 +166,16 @@ def test_family(llama_cpp, tmp_path, name):
     assert np.abs(got - want).max() < 0.3 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75, name
 
 
+def test_unknown_tokenizer_asks_for_pre_tokenizer(llama_cpp, tmp_path):
+    """A tokenizer trained anew is unknown to llama.cpp's converter: one line saying which flag names it."""
+    from utils.cli import UserError
+
+    base = make_family_model(tmp_path / "base", "qwen3")
+    with pytest.raises(UserError, match="pre-tokenizer was not recognized.*--pre_tokenizer"):
+        export(base, tmp_path / "model.gguf", outtype="f32")
+    assert not (tmp_path / "model.gguf").exists()
+
+
 def test_gemma2_says_what_llama_cpp_needs(llama_cpp, tmp_path):
     """llama.cpp's converter reads Gemma 2's vocabulary from tokenizer.model (SentencePiece, as Google ships it)."""
     from utils.cli import UserError

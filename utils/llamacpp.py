@@ -82,6 +82,7 @@ def extract_converter(sdist: Path, target: Path) -> None:
                 members.append(member)
         tar.extractall(tmp, members, filter="data")
     if not (tmp / "convert_hf_to_gguf.py").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{sdist.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py: this llama-cpp-python "
                         f"is laid out differently; `{INSTALL}` is the tested version")
     try:
