@@ -1,5 +1,5 @@
-"""Merge a LoRA adapter into its base and save it in Meta's original LLaMA layout (consolidated.NN.pth +
-params.json + tokenizer.model) for Meta's reference code: `python export_state_dict_checkpoint.py
+"""Merge a LoRA adapter into its base and save it in Meta's original layout (consolidated.NN.pth + params.json +
+tokenizer.model; LLaMA 1/2's, or Llama 3's for a byte-level BPE base) for Meta's reference code: `python export_state_dict_checkpoint.py
 --lora_weights ./lora-alpaca`. Works for any LLaMA size: every parameter comes from the model's config.
 """
 
@@ -36,8 +36,8 @@ def export(
         torch_dtype = ex.resolve_dtype(dtype, config)
         log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(torch_dtype)}")
         model = ex.load_merged(base_path, adapter, torch_dtype)
-        write_meta(model, tmp, num_shards, base_path)
-    log(f"Saved Meta's layout ({num_shards} shard{'s' if num_shards > 1 else ''}) to {output_dir}")
+        layout = write_meta(model, tmp, num_shards, base_path)
+    log(f"Saved Meta's {layout} layout ({num_shards} shard{'s' if num_shards > 1 else ''}) to {output_dir}")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True),
               dict(eos="<|im_end|>", pad="<|endoftext|>", extra=["<|im_start|>"]), CHATML),
     "mistral": ("MistralConfig", dict(sliding_window=None), dict(bos="<s>", eos="</s>", pad=None, extra=["[INST]", "[/INST]"]), MISTRAL),
-    "gemma2": ("Gemma2Config", dict(head_dim=16), dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=16), dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16), dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16), dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
 }
 
 

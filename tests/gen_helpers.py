@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"  # git-ignored: screenshots of the tests that drive a browser
 
 
-def make_adapter(base: Path, folder: Path, seed: int = 0) -> Path:
-    """A LoRA adapter (q_proj, v_proj) with non-zero weights, saved as finetune.py saves one."""
+def make_adapter(base: Path, folder: Path, seed: int = 0, std: float = 0.5) -> Path:
+    """A LoRA adapter (q_proj, v_proj) with non-zero weights, saved as finetune.py saves one (lora_B ~ N(0, std))."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -23,7 +23,7 @@ def make_adapter(base: Path, folder: Path, seed: int = 0) -> Path:
     with torch.no_grad():  # PEFT starts lora_B at zero, which would make the adapter a no-op
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
+                param.normal_(0, std)
     model.save_pretrained(folder)
     return folder
 

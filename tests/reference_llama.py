@@ -44,10 +44,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
+def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling as Meta's llama-models code has it (use_scaled_rope), constants included."""
+    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8, 1, 4, 8192
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    new_freqs = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            new_freqs.append(freq)
+        elif wavelen > low_freq_wavelen:
+            new_freqs.append(freq / scale_factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            new_freqs.append((1 - smooth) * freq / scale_factor + smooth * freq)
+    return torch.tensor(new_freqs, dtype=freqs.dtype)
+
+
+def rotary(x: torch.Tensor, theta: float, scaled: bool = False) -> torch.Tensor:
     """x: (batch, seq, heads, head_dim); each (even, odd) pair rotated by position × frequency."""
     head_dim, seq = x.shape[-1], x.shape[1]
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    freqs = apply_scaling(freqs) if scaled else freqs
     angles = torch.polar(torch.ones(seq, head_dim // 2), torch.outer(torch.arange(seq).float(), freqs))
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * angles[None, :, None, :]).flatten(3).type_as(x)
@@ -59,8 +77,9 @@ def attention(x: torch.Tensor, w: dict, params: dict) -> torch.Tensor:
     n_kv_heads = params.get("n_kv_heads") or n_heads
     head_dim = params["dim"] // n_heads
     theta = params.get("rope_theta", 10000.0)
-    q = rotary((x @ w["attention.wq.weight"].T).view(batch, seq, n_heads, head_dim), theta)
-    k = rotary((x @ w["attention.wk.weight"].T).view(batch, seq, n_kv_heads, head_dim), theta)
+    scaled = params.get("use_scaled_rope", False)
+    q = rotary((x @ w["attention.wq.weight"].T).view(batch, seq, n_heads, head_dim), theta, scaled)
+    k = rotary((x @ w["attention.wk.weight"].T).view(batch, seq, n_kv_heads, head_dim), theta, scaled)
     v = (x @ w["attention.wv.weight"].T).view(batch, seq, n_kv_heads, head_dim)
     k, v = (t.repeat_interleave(n_heads // n_kv_heads, dim=2) for t in (k, v))  # Meta's repeat_kv
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -1,8 +1,8 @@
-"""The four exports (merged HF checkpoint, Meta's layout, GGUF, ONNX), each read back by the runtime it is for and
-compared with the unmerged base + adapter (PeftModel), plus the ways an export must fail: one line, nothing left.
+"""The exports (merged HF checkpoint, Meta's layout, ONNX), each read back by the runtime it is for and compared with
+the unmerged base + adapter (PeftModel), plus the ways every export, GGUF included, must fail: one line, nothing
+left. GGUF files are judged by llama.cpp itself in tests/test_gguf.py.
 
-Tolerances on logits (float32 models with logits of order 1): 1e-4 where only the order of float32 sums differs
-(merged HF, Meta reference code, GGUF F32, ONNX Runtime), 1e-2 for F16 and 5e-2 for BF16 and Q8_0 weights.
+Tolerance on logits (float32 models with logits of order 1): 1e-4, where only the order of float32 sums differs.
 """
 
 import json
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gen_helpers import make_adapter
+from tiny import ALPACA
 from reference_llama import check_shapes, forward, load_consolidated
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,79 +96,58 @@ def test_meta_layout_runs_in_reference_code(request, tmp_path, adapters, which, 
     assert max_diff(forward(params, state, ids), peft_logits(base, adapters[base], ids)) < EXACT
 
 
-# --- GGUF (llama.cpp) ---------------------------------------------------------------------------------------------
+def test_meta_layout_of_llama3(tmp_path):
+    """A Llama 3.1-shaped base (byte-level BPE, llama3 RoPE scaling with Meta's constants, tied embeddings):
+    params.json as Meta's llama-models reads it, and Meta's maths (scaled RoPE) gives transformers' logits."""
+    from families import make_family_model
+    from utils.export_meta import META_LLAMA3_ROPE
 
-def read_gguf(path: Path):
-    from transformers import AutoModelForCausalLM
+    from export_state_dict_checkpoint import export
 
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-
-@pytest.mark.parametrize("which, outtype, tolerance", [
-    ("tiny_model", "f32", EXACT), ("tiny_gqa_model", "f32", EXACT),
-    ("tiny_model", "f16", 1e-2), ("tiny_model", "bf16", 5e-2), ("tiny_gqa_model", "q8_0", 5e-2),
-])
-def test_gguf_logits_read_back_by_transformers(request, tmp_path, adapters, which, outtype, tolerance):
-    import gguf
-
-    from export_gguf import export
-
-    base = request.getfixturevalue(which)
-    out = tmp_path / f"model-{outtype}.gguf"
-    export(base_model=str(base), lora_weights=str(adapters[base]), output_file=str(out), outtype=outtype)
-    reader = gguf.GGUFReader(out)
-    assert reader.fields["general.architecture"].contents() == "llama"
-    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_q.weight"] == outtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
+    rope = dict(rope_type="llama3", rope_theta=500000.0, **META_LLAMA3_ROPE)
+    base = make_family_model(tmp_path / "base", "llama3", rope_parameters=rope, intermediate_size=192)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "meta"
+    export(base_model=str(base), lora_weights=str(adapter), output_dir=str(out), dtype="float32")
+    params, state = load_consolidated(out)
+    assert params["rope_theta"] == 500000.0 and params["use_scaled_rope"] is True
+    config = json.loads((base / "config.json").read_text())
+    assert params["vocab_size"] == config["vocab_size"] and params["n_kv_heads"] == 2
+    hidden = int(2 * 4 * params["dim"] / 3 * params.get("ffn_dim_multiplier", 1))  # Meta's formula, as the issue states it
+    assert params["multiple_of"] * -(-hidden // params["multiple_of"]) == config["intermediate_size"] == 192
+    check_shapes(params, state)
+    # The tiny tokenizer is trained anew (GPT-2's split, special tokens first): not what Meta's Tokenizer builds.
+    assert not (out / "tokenizer.model").exists() and (out / "tokenizer.json").is_file()
     ids = token_ids(base)
-    with torch.no_grad():
-        got = read_gguf(out)(ids).logits
-    want = peft_logits(base, adapters[base], ids)
-    assert max_diff(got, want) < tolerance
-    agreement = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    assert agreement == 1.0 if outtype == "f32" else agreement >= 0.9  # a random tiny model has near-ties
-    assert list(tmp_path.iterdir()) == [out]  # no temporary file left beside it
+    assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) < EXACT
+    params["use_scaled_rope"] = False
+    assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) > 1e-3  # the scaling matters
 
 
-def test_gguf_embeds_the_sentencepiece_tokenizer(tmp_path, tiny_model):
-    from transformers import AutoTokenizer
+def test_tiktoken_ranks_of_a_llama3_style_tokenizer():
+    """A byte-level BPE split with Llama 3's pattern, special tokens appended where Meta's code puts them: the ranks
+    are its ids and each line's base64 is the token's bytes."""
+    import base64
 
-    from export_gguf import export
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
-    out = tmp_path / "base.gguf"
-    export(base_model=str(tiny_model), output_file=str(out), outtype="q8_0")  # no adapter: the base alone
-    original = AutoTokenizer.from_pretrained(tiny_model)
-    embedded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
-    for text in TEXTS:
-        assert embedded(text).input_ids == original(text).input_ids
-        assert embedded.decode(embedded(text).input_ids, skip_special_tokens=True) == text
-    assert (embedded.bos_token_id, embedded.eos_token_id) == (original.bos_token_id, original.eos_token_id)
+    from utils.export_meta import LLAMA3_PATTERN, LLAMA3_SPECIALS, tiktoken_ranks
 
-
-@pytest.mark.slow
-def test_gguf_of_the_embedded_model_keeps_its_bpe_tokenizer(tmp_path, embedded_model):
-    """SmolLM2: byte-level BPE with merges, 3 KV heads, tied embeddings (reading a 49K vocabulary takes ~20 s)."""
-    import gguf
-    from transformers import AutoTokenizer
-
-    from export_gguf import export
-
-    adapter = make_adapter(Path(embedded_model), tmp_path / "adapter")
-    out = tmp_path / "smol.gguf"
-    export(base_model=embedded_model, lora_weights=str(adapter), output_file=str(out), outtype="f16")
-    original = AutoTokenizer.from_pretrained(embedded_model)
-    embedded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
-    pre = gguf.GGUFReader(out).fields["tokenizer.ggml.pre"]
-    assert bytes(pre.parts[pre.data[0]]).decode() == "smollm"  # the name llama.cpp knows (and the shipped file has)
-    for text in [*TEXTS, "<|im_start|>user\nHi!<|im_end|>\n"]:
-        assert embedded(text).input_ids == original(text).input_ids
-        assert embedded.decode(embedded(text).input_ids) == text
-    ids = original(TEXTS, return_tensors="pt", padding=True).input_ids[:1]
-    with torch.no_grad():
-        got = read_gguf(out)(ids).logits
-    want = peft_logits(Path(embedded_model), adapter, ids)
-    assert max_diff(got, want) < 0.1  # f16 weights, 30 layers
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([r["output"] for r in json.loads(ALPACA.read_text())[:200]], trainer)
+    size = tokenizer.get_vocab_size()
+    specials = {offset: name for name, offset in LLAMA3_SPECIALS.items()}
+    tokenizer.add_special_tokens([specials.get(i, f"<|reserved_special_token_{i}|>") for i in range(10)])
+    ranks, problem = tiktoken_ranks(json.loads(tokenizer.to_str()))
+    assert problem == "" and sorted(rank for _, rank in ranks) == list(range(size))
+    decoded = {rank: base64.b64decode(token) for token, rank in ranks}
+    text = "Give 3 tips,\n\n naïve café 日本!"
+    assert b"".join(decoded[i] for i in tokenizer.encode(text).ids) == text.encode()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split: not Meta's
+    assert tiktoken_ranks(json.loads(tokenizer.to_str()))[0] is None
 
 
 # --- ONNX ---------------------------------------------------------------------------------------------------------
@@ -271,7 +251,7 @@ def test_unwritable_output(tmp_path, tiny_model, kind):
 
 
 @pytest.mark.parametrize("kind, flag", [("hf", {"dtype": "int4"}), ("meta", {"dtype": "float8"}),
-                                        ("gguf", {"outtype": "q4_k"})])
+                                        ("gguf", {"outtype": "q3_k"})])
 def test_unknown_dtype(tmp_path, tiny_model, kind, flag):
     message = fails(exporters()[kind], base_model=str(tiny_model), **output_args(kind, tmp_path / "out"), **flag)
     assert re.search(r"unknown --outtype|--dtype must be one of", message) and list(flag.values())[0] in message
@@ -282,6 +262,29 @@ def test_num_shards_must_divide_the_heads(tmp_path, tiny_gqa_model):
     message = fails(exporters()["meta"], base_model=str(tiny_gqa_model), output_dir=str(tmp_path / "out"), num_shards=4)
     assert "--num_shards 4" in message and "2 KV heads" in message
     fails(exporters()["meta"], base_model=str(tiny_gqa_model), output_dir=str(tmp_path / "out"), num_shards=3)
+    assert snapshot(tmp_path) == []
+
+
+def test_gguf_without_llama_cpp_names_the_install_command(tmp_path, tiny_model, monkeypatch):
+    from importlib.metadata import PackageNotFoundError
+
+    import utils.llamacpp
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(utils.llamacpp, "version", missing)
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), output_file=str(tmp_path / "out" / "m.gguf"))
+    assert "pip install llama-cpp-python==0.3.36" in message
+    assert snapshot(tmp_path) == []
+
+
+def test_gguf_adapter_only_mistakes(tmp_path, tiny_model, adapters):
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), lora_weights=str(adapters[tiny_model]),
+                    output_file=str(tmp_path / "a.gguf"), adapter_only=True, outtype="q4_k_m")
+    assert "--adapter_only" in message and "q4_k_m" in message
+    message = fails(exporters()["gguf"], base_model=str(tiny_model), output_file=str(tmp_path / "a.gguf"), adapter_only=True)
+    assert "--lora_weights" in message
     assert snapshot(tmp_path) == []
 
 

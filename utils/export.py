@@ -150,18 +150,6 @@ def load_config(base_path: str):
         raise UserError(f"could not load base model '{base_path}': {str(err).splitlines()[0]}") from None
 
 
-def check_llama(config, fmt: str) -> None:
-    """Meta's layout and llama.cpp's llama architecture describe exactly the LLaMA block; refuse anything else."""
-    if config.model_type != "llama":
-        raise UserError(f"{fmt} export supports LLaMA-architecture models; {config.model_type} is not one "
-                        "(export_hf_checkpoint.py and export_onnx.py take any causal LM)")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"{fmt} export does not support RoPE scaling ('{rope['rope_type']}') yet")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError(f"{fmt} export does not support LLaMA variants with attention or MLP biases")
-
-
 def rope_theta(config) -> float:
     rope = getattr(config, "rope_parameters", None) or {}
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))

@@ -1,0 +1,124 @@
+"""llama.cpp's own tools, always of the version llama-cpp-python runs: its converters (convert_hf_to_gguf.py,
+convert_lora_to_gguf.py, taken from that version's source package, which carries llama.cpp whole) and its quantizer.
+
+Using llama.cpp's converter rather than a writer of our own keeps every export in step with the runtime that reads
+it: new architectures, tokenizer names (tokenizer.ggml.pre) and tensor layouts arrive with a new llama.cpp, and
+the converter matching the installed runtime never writes something that runtime does not know.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from utils.cli import UserError, log
+
+INSTALL = "pip install llama-cpp-python==0.3.36"  # the tested version (requirements-dev.txt); builds llama.cpp
+# What the converters need from llama.cpp's tree: the scripts, their model classes and their own gguf-py, which
+# they put first on sys.path (so it never clashes with the `gguf` package transformers uses here).
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+# Runs a converter with one method replaced: llama.cpp names a BPE tokenizer's pre-tokenizer by hashing how it
+# splits a sample text, so a tokenizer trained anew is never recognised; the user then names it (--pre_tokenizer).
+NAMED_PRE_TOKENIZER = """import runpy, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+import conversion.base
+name, sys.argv = sys.argv[2], sys.argv[3:]
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: name
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+# --outtype -> llama.cpp's file type name (llama_cpp.LLAMA_FTYPE_MOSTLY_*) for the types its quantizer makes.
+QUANT_TYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+
+
+def runtime_version() -> str:
+    """The installed llama-cpp-python, whose llama.cpp every export is made for."""
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        raise UserError(f"GGUF export uses llama.cpp's own converter and quantizer: run `{INSTALL}` "
+                        "(it builds llama.cpp, about 12 minutes on 2 cores)") from None
+
+
+def converter_dir() -> Path:
+    """llama.cpp's converters for the installed runtime, extracted once from its source package into the cache."""
+    from utils.models import cache_root
+
+    release = runtime_version()
+    target = cache_root() / "llama.cpp" / release
+    if not (target / "convert_hf_to_gguf.py").is_file():
+        log(f"Fetching llama.cpp's converter from llama-cpp-python {release}'s source package (once)")
+        with tempfile.TemporaryDirectory() as folder:
+            extract_converter(download_sdist(release, Path(folder)), target)
+    return target
+
+
+def download_sdist(release: str, folder: Path) -> Path:
+    """The source package, through pip (its cache makes a second download free)."""
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(folder),
+               f"llama-cpp-python=={release}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
+    if result.returncode or not found:
+        reason = (result.stderr.strip().splitlines() or ["no source package"])[-1]
+        raise UserError(f"could not fetch llama.cpp's converter ({reason}); check that "
+                        f"`{' '.join(command[2:])}` works here")
+    return found[0]
+
+
+def extract_converter(sdist: Path, target: Path) -> None:
+    """Only the converters' files, written beside target and renamed into place when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    with tarfile.open(sdist) as tar:
+        members = []
+        for member in tar.getmembers():
+            path = member.name.split("/vendor/llama.cpp/", 1)[-1]
+            if "/vendor/llama.cpp/" in member.name and path.startswith(CONVERTER_FILES) and "/vendor/" not in path:
+                member.name = path
+                members.append(member)
+        tar.extractall(tmp, members, filter="data")
+    if not (tmp / "convert_hf_to_gguf.py").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{sdist.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py: this llama-cpp-python "
+                        f"is laid out differently; `{INSTALL}` is the tested version")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process extracted it first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_converter(script: str, args: list[str], pre_tokenizer: str = "") -> None:
+    """One of llama.cpp's converters in a subprocess; its error, if any, as one line."""
+    folder = converter_dir()
+    command = [sys.executable, str(folder / script), *args]
+    if pre_tokenizer:
+        command = [sys.executable, "-c", NAMED_PRE_TOKENIZER, str(folder), pre_tokenizer, *command[1:]]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        lines = [line for line in result.stderr.splitlines() if line.strip()] or ["(no message)"]
+        hint = ""
+        if "pre-tokenizer was not recognized" in result.stderr:
+            hint = ("; name how it splits text with --pre_tokenizer (llama-bpe for Llama 3, qwen2 for Qwen, "
+                    "gpt-2, smollm, …: llama.cpp's src/llama-vocab.cpp lists them)")
+        raise UserError(f"llama.cpp's {script} failed: {lines[-1].removeprefix('NotImplementedError: ')}{hint}")
+
+
+def quantize(source: Path, target: Path, outtype: str) -> None:
+    """llama.cpp's own quantizer (llama-quantize's defaults: the K-quant mixes keep some tensors at more bits)."""
+    import ctypes
+    import warnings
+
+    import llama_cpp
+
+    # llama_cpp opens /dev/null twice at import and never closes it: a ResourceWarning at exit, nothing to act on.
+    warnings.filterwarnings("ignore", message="unclosed file <_io.TextIOWrapper name='/dev/null'", category=ResourceWarning)
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{QUANT_TYPES[outtype]}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)):
+        raise UserError(f"llama.cpp could not quantize {source.name} to {outtype}")
