@@ -105,6 +105,25 @@ def time_data_prep(tokenizer, n_records: int, cutoff_len: int) -> dict:
                 speedup=round((t1 - t0) / (t2 - t1), 2), same_tokens=same)
 
 
+def matmul_roofline(tokens: int = 1024, hidden: int = 576, widths=(576, 1536, 49152), seconds: float = 0.5) -> dict:
+    """GFLOP/s of this CPU's matmuls at a training step's shapes (tokens x hidden -> width: attention, MLP and
+    output head of the embedded model), in fp32 and bf16: the ceiling a training step can reach."""
+    import torch
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for width in widths:
+            a, b = torch.randn(tokens, hidden, dtype=dtype), torch.randn(hidden, width, dtype=dtype)
+            a @ b  # first call: oneDNN/MKL pick and prepare their kernel
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                a @ b
+                n += 1
+            out[f"{str(dtype).removeprefix('torch.')} {tokens}x{hidden}x{width}"] = round(
+                2 * tokens * hidden * width * n / (time.perf_counter() - t0) / 1e9, 1)
+    return out
+
+
 # ---------------------------------------------------------------- one recipe (runs in a subprocess)
 
 def llama_checkpoint(size: str, vocab_size: int, work_dir: Path, dtype) -> Path:
@@ -233,9 +252,11 @@ def run_recipe(spec: dict) -> dict:
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:  # ru_maxrss is in KiB on Linux: the whole process, model load included
         result["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    mean_len = sum(len(x) for x in data["input_ids"]) / len(data)  # the span causal attention covers
+    result["flops_per_token"] = round(flops_per_token(model.config, mean_len))
+    achieved = result["flops_per_token"] * result["tokens_per_s"]  # useful work: padding and masked-off blocks not counted
+    result["gflops"] = round(achieved / 1e9, 1)
     if spec.get("peak_flops"):
-        mean_len = sum(len(x) for x in data["input_ids"]) / len(data)  # the span causal attention covers
-        achieved = flops_per_token(model.config, mean_len) * result["tokens_per_s"]
         result["tflops"] = round(achieved / 1e12, 3)
         result["mfu"] = round(achieved / spec["peak_flops"], 4)
     return result
@@ -267,14 +288,20 @@ def machine_name(gpu: bool) -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
 def cpu_model() -> str:
-    """The CPU's name (and whether it has AMX, which decides if bf16 pays off), from /proc/cpuinfo where it exists."""
+    """The CPU's name, its bf16 units (AMX, AVX512-BF16) and whether this run may use them, from /proc/cpuinfo."""
+    from utils.models import cpu_has_bf16
+
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
-    return name + (" (AMX)" if " amx_bf16" in info else "")
+    units = [unit for flag, unit in ((" amx_bf16", "AMX"), (" avx512_bf16", "AVX512-BF16")) if flag in info]
+    return name + (f" ({', '.join(units)}{'' if cpu_has_bf16() else ', hidden from this run'})" if units else "")
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -421,6 +448,10 @@ def main(
                   model=f"random LLaMA-{size}" if gpu else "SmolLM2-135M (embedded)",
                   settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model")},
                   lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj")
+    if not gpu:
+        report["isa_limits"] = {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}  # e.g. an AVX2-only run
+        report["matmul_gflops"] = matmul_roofline()
+        print(f"matmul GFLOP/s at the step's shapes: {report['matmul_gflops']}", flush=True)
     if prep_records:
         report["data_prep"] = time_data_prep(tokenizer, prep_records, cutoff_len)
         p = report["data_prep"]
