@@ -1,6 +1,6 @@
 """Training speed: the original alpaca-lora recipe against this project's, same data, model and hyperparameters.
 
-    python benchmarks/bench_train.py                    # CPU: the embedded SmolLM2-135M (about 10 minutes on 2 cores)
+    python benchmarks/bench_train.py                    # CPU: the embedded SmolLM2-135M (about 15 minutes on 2 cores)
     python benchmarks/bench_train.py --gpu --size 7b    # one GPU: random LLaMA-7B shapes, bf16 / 8-bit / 4-bit, MFU
     python benchmarks/bench_train.py --smoke            # seconds: the --gpu code path on a tiny model, on any machine
     python benchmarks/bench_train.py --scaling          # CPU: 1 process x 2 threads vs 2 DDP processes x 1 thread

@@ -57,16 +57,23 @@ def test_packed_rows_need_no_kv_cache(tiny_model):
     torch.testing.assert_close(isolated, alone, atol=1e-4, rtol=1e-4)
 
 
-def test_per_record_attention_never_builds_a_row_wide_mask(tiny_gqa_model, monkeypatch):
-    """Each record of a packed row goes through causal SDPA on its own, with no mask: the cost of the records alone."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_record_attention_never_builds_a_row_wide_mask(tiny_gqa_model, monkeypatch, dtype):
+    """Each record of a packed row goes through causal SDPA on its own, with no mask: the cost of the records alone
+    (in fp32 on CPU, where the kernel is faster than in bf16)."""
     tokenizer = load_tokenizer(str(tiny_gqa_model))
     rows = tokenize_records(json.loads(ALPACA.read_text())[:3], tokenizer, Prompter("alpaca"), 200, True, True).to_list()
-    model = AutoModelForCausalLM.from_pretrained(tiny_gqa_model, attn_implementation=NAME)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gqa_model, attn_implementation=NAME, dtype=dtype)
     packed = data_collator(tokenizer, packing=True, model_config=model.config)(rows)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask=None, **kw: calls.append((q.shape[2], attn_mask, kw["is_causal"])) or sdpa(q, k, v, attn_mask, **kw))
-    model(**packed, use_cache=False)
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[2], q.dtype, attn_mask, kw["is_causal"]))
+        return sdpa(q, k, v, attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    logits = model(**packed, use_cache=False).logits
     lengths = [len(r["input_ids"]) for r in rows]
-    assert calls == [(n, None, True) for n in lengths] * model.config.num_hidden_layers
+    assert calls == [(n, torch.float32, None, True) for n in lengths] * model.config.num_hidden_layers
+    assert logits.dtype == dtype
