@@ -161,8 +161,9 @@ def train(
     device_map = device_map or ({"": local_rank} if world_size > 1 and device == "cuda" else None)
     from utils import packing as packed_attention
 
+    per_record = packing and packed_attention.supports(models.read_config(base_path))
     model = models.load_model(base_path, quantization, device, device_map=device_map, dtype=dtype,
-                              attn_implementation=packed_attention.NAME if packing else None)
+                              attn_implementation=packed_attention.NAME if per_record else None)
     from transformers import set_seed
 
     set_seed(seed)  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike

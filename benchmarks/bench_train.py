@@ -184,7 +184,8 @@ def run_recipe(spec: dict) -> dict:
     with no_bf16:
         base = spec["base_model"] or models.resolve_base_model(None)
         quantization = spec.get("quantization", "none")
-        attention = spec.get("attention", packing.NAME if spec["packing"] else None)  # as finetune.py chooses
+        per_record = spec["packing"] and packing.supports(models.read_config(base))  # as finetune.py chooses
+        attention = spec.get("attention", packing.NAME if per_record else None)
         model = models.load_model(base, quantization, device, dtype=models.pick_dtype(device, spec.get("bf16")),
                                   attn_implementation=attention)
         model = finetune.wrap_lora(model, quantization, None, spec.get("gradient_checkpointing", False),

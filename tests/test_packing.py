@@ -77,3 +77,13 @@ def test_per_record_attention_never_builds_a_row_wide_mask(tiny_gqa_model, monke
     lengths = [len(r["input_ids"]) for r in rows]
     assert calls == [(n, torch.float32, None, True) for n in lengths] * model.config.num_hidden_layers
     assert logits.dtype == dtype
+
+
+def test_soft_capped_attention_never_gets_per_record_sdpa():
+    """SDPA cannot apply Gemma 2's attention logit soft-capping: such models keep their own attention."""
+    from transformers import AutoConfig
+
+    from utils.packing import supports
+
+    assert supports(AutoConfig.for_model("llama").to_dict())
+    assert not supports(AutoConfig.for_model("gemma2").to_dict())
