@@ -94,7 +94,7 @@ def train(
         logging_steps: Optimizer steps between loss reports.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, about 30% slower.
         torch_compile: Compile the model with torch.compile (pays off on GPUs for long runs; slow to start on CPU).
-        bf16: bf16 mixed precision (fp32 master weights); default: on for GPUs that support it, off elsewhere (on a CPU with AMX it measured 1.0-1.1x the speed of fp32, see benchmarks/). False on a GPU: fp16 with loss scaling.
+        bf16: The frozen base computes in bf16 (LoRA weights, optimizer state and loss stay fp32); default: on for GPUs and CPUs that compute bf16 natively (AVX512-BF16, AMX), off elsewhere. False: fp32 on a CPU, fp16 with loss scaling on a GPU.
         device_map: "auto" spreads a model too large for one GPU over all visible GPUs in one process (model parallel); empty: one device per process.
         tensorboard: Also log to TensorBoard (in output_dir/runs).
         overwrite_output_dir: Allow writing into an output_dir that holds an earlier run.
@@ -155,9 +155,15 @@ def train(
 
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
         f"({'full precision' if quantization == 'none' else quantization}, {dtype})")
+    if device == "cpu":
+        log(models.cpu_precision_note(dtype))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_map = device_map or ({"": local_rank} if world_size > 1 and device == "cuda" else None)
-    model = models.load_model(base_path, quantization, device, device_map=device_map, dtype=dtype)
+    from utils import packing as packed_attention
+
+    per_record = packing and packed_attention.supports(models.read_config(base_path))
+    model = models.load_model(base_path, quantization, device, device_map=device_map, dtype=dtype,
+                              attn_implementation=packed_attention.NAME if per_record else None)
     from transformers import set_seed
 
     set_seed(seed)  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
@@ -249,8 +255,9 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     from utils.metrics import LossGuard, ProgressReport
     from utils.training import data_collator
 
-    if bf16 is None:  # what the weights were loaded in (see models.pick_dtype); on CPU: fp32, no autocast
-        bf16 = models.pick_dtype(device) == torch.bfloat16
+    # Autocast on GPUs (the weights' dtype, models.pick_dtype); a CPU computes in the dtype the base was loaded in,
+    # with no autocast re-casting weights every step (PEFT keeps the LoRA layers in fp32 and casts their input).
+    bf16 = device != "cpu" and models.pick_dtype(device, bf16) == torch.bfloat16
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=micro_batch_size,

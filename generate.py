@@ -105,13 +105,13 @@ def main(
 
     import torch
 
-    from utils.generation import decoding_dtype, decoding_threads, load_generator
-    from utils.models import pick_device
+    from utils.generation import decoding_threads, load_generator
+    from utils.models import pick_device, pick_dtype
 
     device = pick_device(device)
     if device == "cpu":
         torch.set_num_threads(threads or decoding_threads(serving=not batch_mode))
-    dtype = decoding_dtype(device, bf16) if quantization == "none" else None
+    dtype = pick_dtype(device, bf16) if quantization == "none" else None
     compile = (device == "cpu" and not batch_mode and quantization == "none") if compile is None else compile
     generator = load_generator(base_model, lora_weights, quantization, device, prompt_template,
                                chat_template=None if batch_mode else chat_template, dtype=dtype, compile=compile)

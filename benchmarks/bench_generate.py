@@ -287,7 +287,7 @@ def machine_name() -> str:
 
 def cpu_model() -> str:
     """The CPU's name and whether it computes bf16 natively (AVX512-BF16, AMX), from /proc/cpuinfo."""
-    from utils.generation import cpu_has_bf16
+    from utils.models import cpu_has_bf16
 
     try:
         info = Path("/proc/cpuinfo").read_text()

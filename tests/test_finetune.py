@@ -107,19 +107,37 @@ def test_adapter_dir_warm_starts_a_new_run(trained, tiny_model, alpaca_file, tmp
     assert logged(out / "checkpoint-1", "loss")[0][0] == 1
 
 
-def test_bf16_mixed_precision_on_cpu(tiny_model, alpaca_file, tmp_path, monkeypatch):
-    """--bf16 True trains under bf16 autocast on CPU (fp32 master weights); the default on CPU stays fp32."""
+def test_bf16_on_cpu_keeps_lora_optimizer_and_loss_in_fp32(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """--bf16 True on CPU: the frozen base computes in bf16 with no autocast; --bf16 False: everything fp32."""
     import finetune as ft
 
     seen = []
     build = ft.build_trainer
     monkeypatch.setattr(ft, "build_trainer", lambda *a, **k: seen.append(build(*a, **k)) or seen[-1])
-    run_train(tiny_model, alpaca_file, tmp_path / "fp32", max_steps=1, val_set_size=0)
+    run_train(tiny_model, alpaca_file, tmp_path / "fp32", max_steps=1, val_set_size=0, bf16=False)
     out = run_train(tiny_model, alpaca_file, tmp_path / "bf16", max_steps=2, val_set_size=0, bf16=True)
-    assert [t.args.bf16 for t in seen] == [False, True]
+    assert [t.args.bf16 for t in seen] == [False, False]  # no autocast on CPU: the base's own dtype computes
+    for trainer, base_dtype in zip(seen, (torch.float32, torch.bfloat16)):
+        dtypes = {("lora" if "lora_" in n else "base", p.dtype) for n, p in trainer.model.named_parameters()}
+        assert dtypes == {("base", base_dtype), ("lora", torch.float32)}
+    optimizer_state = [v for s in seen[1].optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
+    assert optimizer_state and all(v.dtype == torch.float32 for v in optimizer_state)
     tensors = load_file(out / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in tensors.values())  # master weights stay fp32
     assert all(loss > 0 for _, loss in logged(out / "checkpoint-2", "loss"))
+
+
+def test_bf16_learns_what_fp32_learns(tiny_model, tmp_path):
+    """The same short run in bf16 and fp32 ends at the same held-out loss (within 1%), and it is a run that learns."""
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:40]))
+    evals = {}
+    for bf16 in (False, True):
+        out = run_train(tiny_model, data, tmp_path / str(bf16), max_steps=12, learning_rate=1e-2, bf16=bf16,
+                        lora_target_modules="q_proj,k_proj,v_proj,o_proj")
+        evals[bf16] = [loss for _, loss in logged(out / "checkpoint-12", "eval_loss")]
+    assert evals[False][-1] < evals[False][0] - 0.1, evals  # fp32 learned something for bf16 to match
+    assert evals[True][-1] == pytest.approx(evals[False][-1], rel=0.01), evals
 
 
 def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
@@ -131,14 +149,16 @@ def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     assert models.pick_dtype("cuda") == torch.float16  # unset: fp16 with loss scaling, no error
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert (models.pick_dtype("cuda"), models.pick_dtype("cuda", bf16=False)) == (torch.bfloat16, torch.float16)
-    assert models.pick_dtype("cpu", bf16=True) == torch.float32  # on CPU: bf16 autocast over fp32 weights
+    assert models.pick_dtype("cpu", bf16=True) == torch.bfloat16  # on CPU: the frozen base computes in bf16
 
 
 def test_8bit_and_4bit_train_on_cpu(tiny_model, alpaca_file, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     for quantization in ("8bit", "4bit"):
         out = run_train(tiny_model, alpaca_file, tmp_path / quantization, max_steps=2, val_set_size=0, quantization=quantization)
-        assert f"on cpu ({quantization}, torch.float32)" in capsys.readouterr().out
+        from utils.models import pick_dtype
+
+        assert f"on cpu ({quantization}, {pick_dtype('cpu')})" in capsys.readouterr().out  # bf16 compute where native
         tensors = load_file(out / "adapter_model.safetensors")
         assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items()), quantization
 

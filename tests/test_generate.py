@@ -173,12 +173,12 @@ def test_compiled_step_keeps_the_fp32_greedy_tokens_and_compiles_once(tiny_model
 def test_bf16_where_the_cpu_computes_it(monkeypatch):
     import torch
 
-    from utils import generation
+    from utils import models
 
-    monkeypatch.setattr(generation, "cpu_has_bf16", lambda: True)
-    assert (generation.decoding_dtype("cpu"), generation.decoding_dtype("cpu", False)) == (torch.bfloat16, torch.float32)
-    monkeypatch.setattr(generation, "cpu_has_bf16", lambda: False)
-    assert (generation.decoding_dtype("cpu"), generation.decoding_dtype("cpu", True)) == (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert (models.pick_dtype("cpu"), models.pick_dtype("cpu", False)) == (torch.bfloat16, torch.float32)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert (models.pick_dtype("cpu"), models.pick_dtype("cpu", True)) == (torch.float32, torch.bfloat16)
 
 
 class Loaded(Exception):
@@ -194,10 +194,10 @@ class Loaded(Exception):
 def test_generate_py_picks_precision_compilation_and_threads(tiny_model, monkeypatch, flags, dtype, compile, serving):
     import torch
 
-    from utils import generation
+    from utils import generation, models
 
     seen = {}
-    monkeypatch.setattr(generation, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(generation, "load_generator", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(Loaded()))
     with pytest.raises(Loaded):
         generate.main(base_model=str(tiny_model), device="cpu", server_port=free_port(), **flags)

@@ -21,10 +21,11 @@ from tiny import ALPACA, REPO
 # random masks would differ between the layouts. r=16 puts each LoRA weight (16 × 64 values) above ZeRO-3's
 # persistence threshold (10 × hidden = 640), so ZeRO-3 really shards them. Checkpoints at steps 2 and 3.
 ARGS = dict(batch_size=8, micro_batch_size=4, cutoff_len=128, val_set_size=0, max_steps=3, logging_steps=1,
-            save_steps=2, warmup_steps=0, learning_rate=1e-3, lora_dropout=0.0, lora_r=16, quantization="none")
+            save_steps=2, warmup_steps=0, learning_rate=1e-3, lora_dropout=0.0, lora_r=16, quantization="none", bf16=False)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-# What a CPU needs on top of the shipped configs: 2 processes, and fp32 (the configs' bf16 autocast is for GPUs).
+# What a CPU needs on top of the shipped configs: 2 processes, and fp32 (the configs' bf16 autocast is for GPUs;
+# bf16=False above keeps the frozen base fp32 as these runs always were on CPU: they test sharding, not precision).
 ON_CPU = ["--num_processes", "2", "--mixed_precision", "no"]
 
 

@@ -246,15 +246,6 @@ def unwrapped(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def physical_cores() -> int:
     """The cores this process may run on, hyper-threads counted once."""
     import os
@@ -273,24 +264,13 @@ def decoding_threads(serving: bool) -> int:
     return max(1, physical_cores() - serving)
 
 
-def decoding_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
-    """The weights' dtype for answering: bf16 where the hardware computes it natively (unset `bf16`), since decoding
-    reads every weight once per token and half the bytes is nearly twice the speed; True/False force bf16 or full
-    precision (fp32 on CPU; on GPUs the training rule, models.pick_dtype: fp16 when not bf16)."""
-    from utils import models
-
-    if device == "cpu":
-        return torch.bfloat16 if (cpu_has_bf16() if bf16 is None else bf16) else torch.float32
-    return models.pick_dtype(device, bf16)
-
-
 def load_generator(base_model: str = "", lora_weights: str = "", quantization: str = "none", device: str = "auto",
                    prompt_template: str = "alpaca", chat_template: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                    compile: bool = False) -> Generator:
     """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first.
 
     With `chat_template` (a name, "tokenizer" or "" for the default), `generator.chat` renders conversations.
-    `dtype`: the unquantized weights' dtype (default: models.pick_dtype, fp32 on CPU); `compile`: Generator.compile."""
+    `dtype`: the unquantized weights' dtype (default: full precision on CPU, models.pick_dtype on GPUs); `compile`: Generator.compile."""
     from utils import models
     from utils.chat import load_chat_template
 
@@ -306,7 +286,7 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
         models.check_adapter_fits(path, lora_weights)
     tokenizer = models.load_tokenizer(path)
     chat = load_chat_template(chat_template, tokenizer) if chat_template is not None else None
-    dtype = dtype or models.pick_dtype(device)
+    dtype = dtype or (torch.float32 if device == "cpu" else models.pick_dtype(device))
     print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
           f"({str(dtype).removeprefix('torch.') if quantization == 'none' else quantization})", file=sys.stderr, flush=True)

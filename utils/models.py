@@ -114,15 +114,42 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX) and PyTorch may use it; elsewhere bf16 is
+    emulated, and slower than fp32. ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 (how a laptop without
+    those units is imitated) count as not having them."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    isa_allows = isa == "ALL" or any(unit in isa for unit in ("BF16", "AMX", "FP16", "AVX10"))
+    aten_allows = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return (" avx512_bf16" in flags or " amx_bf16" in flags) and isa_allows and aten_allows
+
+
 def pick_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
-    """The weights' dtype: bf16 on GPUs that have it, fp16 on older GPUs and MPS, fp32 on CPU (where --bf16 means
-    bf16 autocast over fp32 weights). On a GPU, --bf16 True/False picks bf16 or fp16 (with loss scaling)."""
+    """The dtype the frozen base computes in, for training and answering: bf16 where the hardware computes it
+    natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX: 3.5-4.5x fp32's matmuls on an EPYC), else fp16
+    on GPUs and MPS, fp32 on CPUs. --bf16 True/False forces bf16 or the alternative (fp16 with loss scaling on a
+    GPU, fp32 on a CPU). LoRA weights, optimizer state and the loss stay fp32 whatever this picks."""
     if device.startswith("cuda"):
         if bf16 and not torch.cuda.is_bf16_supported():
             raise UserError("--bf16: this GPU has no bf16 (it predates Ampere); leave --bf16 unset for fp16 with loss scaling")
         use_bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
         return torch.bfloat16 if use_bf16 else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
+    if device == "mps":
+        return torch.float16
+    return torch.bfloat16 if (cpu_has_bf16() if bf16 is None else bf16) else torch.float32
+
+
+def cpu_precision_note(dtype: torch.dtype) -> str:
+    """The precision a CPU run uses, why, and how to change it."""
+    if dtype == torch.bfloat16:
+        why = "this CPU computes bf16 natively" if cpu_has_bf16() else "forced by --bf16 True: emulated on this CPU, slower"
+        return f"Frozen base in bf16 ({why}); LoRA weights, optimizer and loss in fp32. --bf16 False: all fp32"
+    why = "this CPU has no native bf16 (AVX512-BF16/AMX)" if not cpu_has_bf16() else "--bf16 False"
+    return f"Computing in fp32 ({why})"
 
 
 def pick_quantization(quantization: str, device: str) -> str:
@@ -173,11 +200,14 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, quantization: str = "none", device: str = "cpu", device_map=None, dtype=None):
-    """A causal LM in full precision or 8/4-bit; `device_map` overrides placement (torchrun, model parallel)."""
+def load_model(path: str, quantization: str = "none", device: str = "cpu", device_map=None, dtype=None,
+               attn_implementation: Optional[str] = None):
+    """A causal LM in full precision or 8/4-bit; `device_map` overrides placement (torchrun, model parallel);
+    `attn_implementation` e.g. utils.packing.NAME for per-record attention over packed rows."""
     from transformers import AutoModelForCausalLM
 
-    dtype = dtype or pick_dtype(device)
+    # Unset on a CPU means full precision, what exports and reference runs need; trainers pass pick_dtype's choice.
+    dtype = dtype or (torch.float32 if device == "cpu" else pick_dtype(device))
     if device_map is None and (quantization != "none" or device != "cpu"):
         device_map = {"": device}
     try:
@@ -186,6 +216,7 @@ def load_model(path: str, quantization: str = "none", device: str = "cpu", devic
             dtype=dtype,
             device_map=device_map,
             quantization_config=quantization_config(quantization, dtype),
+            attn_implementation=attn_implementation,
         )
     except OSError as err:
         raise UserError(f"could not load base model '{path}': {str(err).splitlines()[0]}") from None

@@ -126,6 +126,10 @@ def data_collator(tokenizer, packing: bool, model_config):
     if not packing:
         return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
     # Restarting position ids is what keeps records apart: SDPA/eager build a block-diagonal mask from
-    # them (only without a KV cache, which training disables); flash-attention takes cu_seqlens instead.
-    flash = str(getattr(model_config, "_attn_implementation", "")).startswith("flash")
+    # them (only without a KV cache, which training disables); flash-attention and utils.packing's per-record
+    # SDPA take the record boundaries (cu_seqlens) instead.
+    from utils.packing import NAME
+
+    attention = str(getattr(model_config, "_attn_implementation", ""))
+    flash = attention.startswith("flash") or attention == NAME
     return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=flash)
