@@ -116,6 +116,18 @@ def test_truncation_at_cutoff(tokenizer):
     assert len(row["input_ids"]) == 128 and row["input_ids"][-1] != tokenizer.eos_token_id
 
 
+def test_tokens_are_the_tokenizers_own_and_its_settings_are_left_alone(tokenizer, embedded_model):
+    """Data preparation calls the Rust backend directly: the same ids as the tokenizer, cut the same way, and the
+    shared tokenizer's truncation setting unchanged afterwards."""
+    long = dict(RECORD, output="Ünïcode 東京 🦙 12345 " * 60)
+    for tok in (tokenizer, load_tokenizer(embedded_model)):
+        text = Prompter("alpaca").generate_prompt(long["instruction"]) + long["output"]
+        before = tok.backend_tokenizer.truncation
+        rows = tokenize(tok, [long], cutoff_len=128, train_on_inputs=True, add_eos_token=False)
+        assert tok.backend_tokenizer.truncation == before
+        assert rows[0]["input_ids"] == tok(text, truncation=True, max_length=128)["input_ids"]
+
+
 def test_records_cut_before_their_response_are_dropped(tokenizer):
     long_prompt = dict(RECORD, input="word " * 400)
     assert len(tokenize(tokenizer, [long_prompt, RECORD], cutoff_len=128)) == 1

@@ -206,6 +206,21 @@ def test_generate_py_picks_precision_compilation_and_threads(tiny_model, monkeyp
     assert torch.get_num_threads() == flags.get("threads", max(1, cores - 1) if serving else cores)
 
 
+def test_without_a_cpp_compiler_the_demo_runs_uncompiled(tiny_model, monkeypatch, capsys):
+    """torch.compile builds CPU kernels with g++: where there is none (the slim Docker image) the demo must still
+    start, and an explicit --compile is a one-line error before any model loads."""
+    from utils import generation
+
+    seen = {}
+    monkeypatch.setattr(generation, "has_cpp_compiler", lambda: False)
+    monkeypatch.setattr(generation, "load_generator", lambda *a, **kw: seen.update(kw) or (_ for _ in ()).throw(Loaded()))
+    with pytest.raises(Loaded):
+        generate.main(base_model=str(tiny_model), device="cpu", server_port=free_port())
+    assert seen["compile"] is False and "No C++ compiler" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--compile needs a C\\+\\+ compiler"):
+        generate.main(base_model=str(tiny_model), device="cpu", server_port=free_port(), compile=True)
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(load_8bit=True, bf16=True), "--bf16 applies to unquantized weights"),
     (dict(load_4bit=True, compile=True), "--compile applies to unquantized weights"),
