@@ -18,8 +18,8 @@ def make_adapter(base: Path, folder: Path, seed: int = 0, std: float = 0.5) -> P
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)  # before PEFT draws lora_A: the same adapter whatever ran before (tests' order)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    torch.manual_seed(seed)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would make the adapter a no-op
         for name, param in model.named_parameters():
             if "lora_B" in name:

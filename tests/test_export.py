@@ -121,7 +121,9 @@ def test_meta_layout_of_llama3(tmp_path):
     ids = token_ids(base)
     assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) < EXACT
     params["use_scaled_rope"] = False
-    assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) > 1e-3  # the scaling matters
+    # The scaling matters: without it Meta's maths misses transformers' logits by more than the match's tolerance
+    # (2.5e-4 here: over a short prompt only the slowest rotations, those it rescales, differ, and a little).
+    assert max_diff(forward(params, state, ids), peft_logits(base, adapter, ids)) > EXACT
 
 
 def test_tiktoken_ranks_of_a_llama3_style_tokenizer():
