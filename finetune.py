@@ -154,7 +154,7 @@ def train(
                         "nothing left to train; raise --max_steps or --num_epochs to continue it")
 
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
-        f"({'full precision' if quantization == 'none' else quantization}, {dtype})")
+        f"({'not quantized' if quantization == 'none' else quantization}, {str(dtype).removeprefix('torch.')})")
     if device == "cpu":
         log(models.cpu_precision_note(dtype))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
