@@ -158,7 +158,7 @@ def test_8bit_and_4bit_train_on_cpu(tiny_model, alpaca_file, tmp_path, capsys):
         out = run_train(tiny_model, alpaca_file, tmp_path / quantization, max_steps=2, val_set_size=0, quantization=quantization)
         from utils.models import pick_dtype
 
-        assert f"on cpu ({quantization}, {pick_dtype('cpu')})" in capsys.readouterr().out  # bf16 compute where native
+        assert f"on cpu ({quantization}, {str(pick_dtype('cpu')).removeprefix('torch.')})" in capsys.readouterr().out  # bf16 compute where native
         tensors = load_file(out / "adapter_model.safetensors")
         assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in tensors.items()), quantization
 
