@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
+from bench_train import cpu_model, machine_name  # noqa: E402  (this folder, where the script runs from)
 
 INSTRUCTION = "Tell me about alpacas."
 DEMO = dict(temperature=0.1, top_p=0.75, top_k=40, num_beams=4)  # the demo's sliders, the original's defaults
@@ -281,24 +282,6 @@ def smoke_model(folder: Path) -> str:
     return str(path)
 
 
-def machine_name() -> str:
-    return f"cpu-{os.cpu_count()}core"
-
-
-def cpu_model() -> str:
-    """The CPU's name and whether it computes bf16 natively (AVX512-BF16, AMX), from /proc/cpuinfo."""
-    from utils.models import cpu_has_bf16
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        name = platform.processor() or platform.machine()
-    return name + (" (native bf16)" if cpu_has_bf16() else "")
-
-
 def summary(results: dict) -> dict:
     """Per configuration and scenario: the median over rounds of each figure."""
     out = {}
@@ -410,7 +393,7 @@ def main(
     files = gguf_exports(base_model, lora_weights, outtypes, work) if outtypes else {}
     tokenizer = load_tokenizer(resolve_base_model(base_model or None))
 
-    report = dict(machine=machine_name(), cpu=cpu_model(), cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"),
+    report = dict(machine=machine_name(False), cpu=cpu_model(), cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"),
                   model=base_model or "SmolLM2-135M-Instruct (embedded)", lora_weights=lora_weights or None,
                   instruction=INSTRUCTION, settings=dict(spec, rounds=rounds), configs={}, results={})
     output = Path(output or REPO / "benchmarks" / "results" / f"generate-{report['machine']}.json")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from utils.generation import unwrapped
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"  # git-ignored: screenshots of the tests that drive a browser
 
@@ -28,11 +30,6 @@ def make_adapter(base: Path, folder: Path, seed: int = 0, std: float = 0.5) -> P
     return folder
 
 
-def base_of(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @contextmanager
 def scripted(model, token_ids: list[int]):
     """Make the model say exactly `token_ids`, one per step (then repeat the last): its lm_head output is rigged."""
@@ -45,7 +42,7 @@ def scripted(model, token_ids: list[int]):
         output[..., token] = 0.0
         return output
 
-    handle = base_of(model).lm_head.register_forward_hook(hook)
+    handle = unwrapped(model).lm_head.register_forward_hook(hook)
     try:
         yield
     finally:
@@ -78,8 +75,8 @@ def answering(model, tokenizer, answer_for):
         output[..., token] = 0.0
         return output
 
-    handles = [base_of(model).register_forward_pre_hook(on_forward, with_kwargs=True),
-               base_of(model).lm_head.register_forward_hook(on_logits)]
+    handles = [unwrapped(model).register_forward_pre_hook(on_forward, with_kwargs=True),
+               unwrapped(model).lm_head.register_forward_hook(on_logits)]
     try:
         yield runs
     finally:
@@ -89,7 +86,7 @@ def answering(model, tokenizer, answer_for):
 
 @contextmanager
 def never_eos(model, eos_id: int):
-    handle = base_of(model).lm_head.register_forward_hook(lambda m, a, out: out.index_fill_(-1, torch.tensor([eos_id]), float("-inf")))
+    handle = unwrapped(model).lm_head.register_forward_hook(lambda m, a, out: out.index_fill_(-1, torch.tensor([eos_id]), float("-inf")))
     try:
         yield
     finally:
@@ -99,7 +96,7 @@ def never_eos(model, eos_id: int):
 @contextmanager
 def slowed(model, seconds_per_step: float):
     """Sleep before every forward pass, so that streaming and stopping can be watched at human speed."""
-    handle = base_of(model).register_forward_pre_hook(lambda *_: time.sleep(seconds_per_step))
+    handle = unwrapped(model).register_forward_pre_hook(lambda *_: time.sleep(seconds_per_step))
     try:
         yield
     finally:

@@ -312,7 +312,7 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
         models.check_adapter_fits(path, lora_weights)
     tokenizer = models.load_tokenizer(path)
     chat = load_chat_template(chat_template, tokenizer) if chat_template is not None else None
-    dtype = dtype or (torch.float32 if device == "cpu" else models.pick_dtype(device))
+    dtype = dtype or models.load_dtype(device)
     print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
           f"({str(dtype).removeprefix('torch.') if quantization == 'none' else quantization})", file=sys.stderr, flush=True)

@@ -143,6 +143,12 @@ def pick_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
     return torch.bfloat16 if (cpu_has_bf16() if bf16 is None else bf16) else torch.float32
 
 
+def load_dtype(device: str) -> torch.dtype:
+    """The dtype a model loads in when none is asked for: full precision on a CPU, what exports and reference runs
+    need (trainers and the demo pass pick_dtype's choice); pick_dtype's on GPUs."""
+    return torch.float32 if device == "cpu" else pick_dtype(device)
+
+
 def cpu_precision_note(dtype: torch.dtype) -> str:
     """The precision a CPU run uses, why, and how to change it."""
     if dtype == torch.bfloat16:
@@ -206,8 +212,7 @@ def load_model(path: str, quantization: str = "none", device: str = "cpu", devic
     `attn_implementation` e.g. utils.packing.NAME for per-record attention over packed rows."""
     from transformers import AutoModelForCausalLM
 
-    # Unset on a CPU means full precision, what exports and reference runs need; trainers pass pick_dtype's choice.
-    dtype = dtype or (torch.float32 if device == "cpu" else pick_dtype(device))
+    dtype = dtype or load_dtype(device)
     if device_map is None and (quantization != "none" or device != "cpu"):
         device_map = {"": device}
     try:
