@@ -34,11 +34,15 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def source(name: str, data: dict, link_from: str = "..") -> str:
+def source(name: str, data: dict) -> str:
     """The line under each table: which file it comes from and which machine measured it."""
     machine = data.get("cpu") or "not recorded in the file"
     cores = f", {data['cpus']} cores" if "cpus" in data else ""
-    return f"Source: [`benchmarks/results/{name}`]({link_from}/benchmarks/results/{name}); machine: {machine}{cores}.\n"
+    return f"Source: [`benchmarks/results/{name}`](../benchmarks/results/{name}); machine: {machine}{cores}.\n"
+
+
+def steps(values: list) -> str:
+    return " / ".join(str(value) for value in values)
 
 
 def span(values: list[float]) -> str:
@@ -60,7 +64,7 @@ def recipe_table(data: dict) -> str:
         rounds = result.get("rounds", [result])
         rows.append([
             recipe, result["end_to_end_tokens_per_s"],
-            f"{ratio['end_to_end']}× ({' / '.join(str(r) for r in ratio['end_to_end_by_round'])})",
+            f"{ratio['end_to_end']}× ({steps(ratio['end_to_end_by_round'])})",
             " / ".join(f"{r['train_runtime']} s" for r in rounds), result["tokens_per_s"], f"{ratio['steady']}×",
             f"{result['padding_fraction']:.0%}", f"{result['dtype']}, {result['attention']}", result["gflops"],
             f"{result['peak_memory_gb']} GB",
@@ -80,7 +84,7 @@ def settings_line(data: dict) -> str:
 
 
 def losses_by_recipe(data: dict) -> str:
-    rows = [[recipe, " / ".join(str(loss) for loss in result["losses"])] for recipe, result in data["results"].items()]
+    rows = [[recipe, steps(result["losses"])] for recipe, result in data["results"].items()]
     return table(["recipe", "training loss at each step"], rows)
 
 
@@ -102,12 +106,13 @@ def data_prep(data: dict) -> str:
 
 
 def scaling(data: dict) -> str:
-    rows = [[layout, result["tokens_per_s"], f"{result['tokens_per_s'] / data['results'][next(iter(data['results']))]['tokens_per_s']:.2f}×",
-             f"{data['efficiency'][layout]:.0%}", f"{result['peak_memory_gb']} GB",
-             " / ".join(str(loss) for loss in result["losses"])]
+    """One row per process/thread layout, against the first (one process, one thread)."""
+    first, *_ = data["results"]
+    baseline = data["results"][first]["tokens_per_s"]
+    rows = [[layout, result["tokens_per_s"], f"{result['tokens_per_s'] / baseline:.2f}×",
+             f"{data['efficiency'][layout]:.0%}", f"{result['peak_memory_gb']} GB", steps(result["losses"])]
             for layout, result in data["results"].items()]
-    header = ["layout", "real tokens/s", f"vs {next(iter(data['results']))}", "efficiency (per core)",
-              "peak memory (per process)", "losses"]
+    header = ["layout", "real tokens/s", f"vs {first}", "efficiency (per core)", "peak memory (per process)", "losses"]
     return table(header, rows) + f"\nDDP against one process with as many threads: {data['ddp_vs_threads']}×.\n"
 
 
@@ -297,9 +302,10 @@ answering the same prompt from GGUF exports of the same weights. "before" is the
 it in llama.cpp: perplexity over every token of held-out records (Stanford Alpaca's seed tasks, rendered with the
 alpaca template; none of them is in the training sample), and the greedy answer to the quick start's prompt against
 transformers' greedy answer on the merged model in float32. Greedy decoding on a small model amplifies every
-rounding, and a few records make a noisy perplexity. This model's rows are narrower than a K-quant block, so
-llama.cpp's quantizer stores most of its matrices in other block types; on 7B-class models the K types apply
-throughout and the sizes scale as llama.cpp documents.
+rounding, and a few records make a noisy perplexity. Q4_K_M's answer below still gives the adapter's direct
+Alpaca-style answer, not the base's chat manner, though it parts from transformers' wording early. This model's
+rows are narrower than a K-quant block, so llama.cpp's quantizer stores most of its matrices in other block types;
+on 7B-class models the K types apply throughout and the sizes scale as llama.cpp documents.
 
 {gguf(quant)}
 {source("gguf.json", quant)}"""
