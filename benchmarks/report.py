@@ -170,8 +170,8 @@ def headline() -> str:
     default = next(r for r, v in train["results"].items() if v["dtype"] == "bfloat16" and v["padding_fraction"] == 0)
     prep = train["data_prep"]
     held_out = load(REAL_RUN / "evaluation.json")["held_out"]
-    return (f"- Training on {train['cpus']} cores of an {train['cpu']}: the default recipe ({default}) runs "
-            f"{train['speedup_vs_reference'][default]['end_to_end']}× the original's real tokens/s end to end; "
+    return (f"- Training on {train['cpus']} cores of an {train['cpu']}: the default recipe ({default}) trains "
+            f"{train['speedup_vs_reference'][default]['end_to_end']}× as many real tokens/s as the original, end to end; "
             f"{prep['records']:,} records are prepared in {prep['project_s']} s against {prep['reference_s']} s "
             f"([Performance](docs/performance.md), `benchmarks/results/cpu-2core.json`).\n"
             f"- The [documented real run](docs/evaluation.md#a-documented-real-run): held-out perplexity "
