@@ -60,7 +60,7 @@ LLAMA_SHAPES = {
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 }
-H100_BF16_FLOPS = 790e12  # measured bf16 8192^3 matmul on the lent H100/H200, the ceiling MFU is quoted against
+H100_BF16_FLOPS = 790e12  # the bf16 8192^3 matmul ceiling documented for the H100/H200 machines (not measured here)
 
 
 # ---------------------------------------------------------------- data preparation
@@ -404,7 +404,7 @@ def main(
         base_model: Model directory for the CPU runs; default: the embedded SmolLM2.
         tokenizer: Tokenizer directory; default: the embedded SmolLM2's.
         work_dir: Where --gpu builds its random checkpoint; default: alpaca-lora-bench in the system's temp folder.
-        peak_tflops: The MFU denominator, in TFLOP/s (a measured H100/H200 bf16 matmul by default).
+        peak_tflops: The MFU denominator, in TFLOP/s (default: the documented H100/H200 bf16 matmul ceiling).
         output: The JSON file to write; default: benchmarks/results/<machine>.json.
     """
     from utils.checks import check_values
