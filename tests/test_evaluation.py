@@ -319,3 +319,11 @@ def test_evaluate_scores_and_asks_a_chat_adapter_in_its_chat_template(chat_model
     assert report["held_out"]["base"]["records"] == 8
     assert report["held_out"]["base"]["loss"] == pytest.approx(base_loss, rel=1e-5)
     assert asked[0] == "<user> Tell me about alpacas.<assistant> "  # (Jinja's trim_blocks eats the newline)
+
+
+def test_the_documented_run_names_paths_as_they_were_given():
+    """docs/real-run/*.json are the README's evidence: paths as typed (or the shipped files by their place in the
+    repository), not the checkout of the machine that ran them."""
+    for name in ("training_args.json", "evaluation.json", "metrics.json"):
+        text = (REPO / "docs" / "real-run" / name).read_text()
+        assert not re.search(r'"(/|[A-Za-z]:\\\\)', text), name
