@@ -72,13 +72,14 @@ def main(
     from utils.data import DEFAULT_DATA_NAME, load_records, recorded_data_file
     from utils.generation import Settings, load_generator
     from utils.models import check_adapter_dir
+    from utils.training import run_arguments
 
     if not lora_weights:
         raise UserError("--lora_weights is required: the adapter directory (finetune.py's --output_dir) to compare with its base")
     check_adapter_dir(lora_weights)
     if not (loss or answers):
         raise UserError("--loss False and --answers False leave nothing to do")
-    trained = evaluation.run_arguments(lora_weights)
+    trained = run_arguments(lora_weights)
     pick = lambda value, key, default: value if value is not None else trained.get(key, default)
     every_record = data_path is not None and val_set_size is None
     if data_path is None:  # the run's own held-out records

@@ -144,13 +144,6 @@ def train(
         log(f"Using prompt template {prompter.name}: {prompter.template.get('description', '')}")
     if train_on_inputs is None:  # the original trains on Alpaca prompts too; a chat model learns only its own turns
         train_on_inputs = chat is None
-    # What later scripts read back (evaluate.py's held-out records, the export's chat template): the values this run
-    # used, not the unset flags they were resolved from, and the names the user gave rather than this machine's paths.
-    arguments.update(
-        data_path=recorded_data_path(data_path), val_set_size=val_size, train_on_inputs=train_on_inputs,
-        chat_template=chat_template or (chat.name if chat else ""), lora_target_modules=target_modules,
-        quantization=quantization, bf16=dtype == torch.bfloat16,
-    )
     prepare = dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
                    train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, chat=chat)
     train_data = tokenize_records(train_records, **prepare)
@@ -162,6 +155,14 @@ def train(
     if checkpoint and training.steps_done(checkpoint) >= total_steps:
         raise UserError(f"{checkpoint} is already at step {training.steps_done(checkpoint)} of this run's {total_steps}: "
                         "nothing left to train; raise --max_steps or --num_epochs to continue it")
+    warmup_steps = min(warmup_steps, total_steps // 10)  # at most a tenth of the run: a short run reaches the rate
+    # What later scripts read back (evaluate.py's held-out records, the export's chat template): the values this run
+    # used, not the unset flags they were resolved from, and the names the user gave rather than this machine's paths.
+    arguments.update(
+        data_path=recorded_data_path(data_path), val_set_size=val_size, train_on_inputs=train_on_inputs,
+        chat_template=chat_template or (chat.name if chat else ""), lora_target_modules=target_modules,
+        quantization=quantization, bf16=dtype == torch.bfloat16, warmup_steps=warmup_steps,
+    )
 
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
         f"({'not quantized' if quantization == 'none' else quantization}, {str(dtype).removeprefix('torch.')})")
@@ -274,7 +275,7 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
         gradient_accumulation_steps=grad_accum,
-        warmup_steps=min(warmup_steps, max(0, total_steps // 10)),
+        warmup_steps=warmup_steps,
         num_train_epochs=num_epochs,
         max_steps=max_steps,
         learning_rate=learning_rate,

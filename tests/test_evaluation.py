@@ -221,6 +221,7 @@ def test_a_default_run_records_what_it_resolved_and_no_machine_paths(default_run
     assert args["data_path"] == "data/alpaca_en_demo.json" and args["base_model"] == ""  # as the user gave them
     assert (args["train_on_inputs"], args["prompt_template_name"], args["chat_template"]) == (True, "alpaca", "")
     assert args["quantization"] == "none" and args["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert args["warmup_steps"] == 0  # --warmup_steps 100 is capped at a tenth of this 2-step run
     adapter = json.loads((run / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == EMBEDDED_NAME  # not the converted copy's cache folder
     assert resolve_base_model(EMBEDDED_NAME) == resolve_base_model("")  # which loads the embedded model back
