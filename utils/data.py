@@ -211,7 +211,7 @@ def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, 
     for encoding, r in zip(encodings, rendered):
         ids = encoding.ids
         labels = list(ids) if train_on_inputs else span_labels(ids, encoding.offsets, r["spans"])
-        answered = reaches_a_span(encoding.offsets, r["spans"]) if train_on_inputs else labels.count(IGNORE_INDEX) < len(labels)
+        answered = reaches_a_span(encoding, r["spans"]) if train_on_inputs else labels.count(IGNORE_INDEX) < len(labels)
         # A conversation's turns end with the template's own end-of-turn marker (in the spans) instead.
         if add_eos_token and not r["conversation"] and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
             ids, labels, answered = ids + [eos], labels + [eos], True  # the EOS is the response's last token
@@ -236,10 +236,14 @@ def encode_batch(tokenizer, texts: list[str], cutoff_len: int) -> list:
         backend.no_truncation() if saved is None else backend.enable_truncation(**saved)
 
 
-def reaches_a_span(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> bool:
+def reaches_a_span(encoding, spans: list[tuple[int, int]]) -> bool:
     """Whether the tokens kept after truncation reach into a span (what span_labels would train on), without
-    labelling every token: tokens cover the text in order, so the furthest character kept decides."""
-    kept = max((end for _, end in offsets), default=0)
+    labelling every token: tokens cover the text in order, so the end of the last one with text decides (asked of
+    the Rust encoding for that token alone, not for every token's offsets)."""
+    last = len(encoding) - 1
+    while last >= 0 and encoding.token_to_chars(last) in (None, (0, 0)):  # trailing special tokens have no text
+        last -= 1
+    kept = encoding.token_to_chars(last)[1] if last >= 0 else 0
     return any(start < end and start < kept for start, end in spans)
 
 
