@@ -83,7 +83,7 @@ def main(
     pick = lambda value, key, default: value if value is not None else trained.get(key, default)
     every_record = data_path is not None and val_set_size is None
     if data_path is None:  # the run's own held-out records
-        if not trained:
+        if val_set_size is None and not trained:
             raise UserError(f"{lora_weights} has no training_args.json to find its held-out data: pass --data_path")
         data_path = trained.get("data_path") or DEFAULT_DATA_NAME
         val_set_size = pick(val_set_size, "val_set_size", None)  # unset in runs recorded before it was: the default
