@@ -323,10 +323,13 @@ def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optiona
     from utils.training import save_atomically
 
     if base_name:
-        # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache); the
-        # adapter names it as the user did, which models.resolve_base_model loads on any machine.
+        # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache), in the
+        # adapter's config and its model card; they name it as the user did, which models.resolve_base_model loads
+        # on any machine.
         for config in trainer.model.peft_config.values():
             config.base_model_name_or_path = base_name
+        base = trainer.model.get_base_model()
+        base.name_or_path = base.config._name_or_path = base_name
 
     def save(tmp: Path):
         # No embedding layer is ever adapted; "auto" would look the base up by that name, on the Hub.

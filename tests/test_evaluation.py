@@ -226,7 +226,8 @@ def test_a_default_run_records_what_it_resolved_and_no_machine_paths(default_run
     assert adapter["base_model_name_or_path"] == EMBEDDED_NAME  # not the converted copy's cache folder
     assert resolve_base_model(EMBEDDED_NAME) == resolve_base_model("")  # which loads the embedded model back
     assert titles[-1] == f"LoRA r=8 on {EMBEDDED_NAME}"
-    for written in ("training_args.json", "adapter_config.json"):
+    assert f"base_model: {EMBEDDED_NAME}" in (run / "README.md").read_text()  # PEFT's model card
+    for written in ("training_args.json", "adapter_config.json", "README.md"):
         text = (run / written).read_text()
         assert str(REPO) not in text and str(tiny_model) not in text and str(cwd) not in text, written
 
