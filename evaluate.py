@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from utils.cli import UserError, check_writable, log, run
+from utils.cli import UserError, check_writable, log, run, shown
 
 
 def main(
@@ -22,6 +22,7 @@ def main(
     cutoff_len: Optional[int] = None,
     add_eos_token: Optional[bool] = None,
     prompt_template: Optional[str] = None,
+    chat_template: Optional[str] = None,
     prompts_path: str = "",
     output_dir: str = "",
     loss: bool = True,
@@ -50,6 +51,7 @@ def main(
         cutoff_len: Maximum tokens per record, as in training; default: the run's, else 256.
         add_eos_token: Score the EOS after each response, as in training; default: the run's, else True.
         prompt_template: A template in templates/ or a .json path; default: the run's, else alpaca.
+        chat_template: How conversations are rendered, for the loss on conversation records and the answers of a chat adapter: tokenizer, alpaca_chat or another template with user/assistant keys; default: the run's, else the tokenizer's if it has one, else alpaca_chat.
         prompts_path: JSON list of instructions (strings or {instruction, input} objects) to answer; default: data/eval_prompts.json.
         output_dir: Where evaluation.md, evaluation.json and answers.jsonl go; default: <lora_weights>/evaluation.
         loss: Measure the held-out loss and perplexity.
@@ -67,37 +69,50 @@ def main(
 
     check_values(locals())
     from utils import evaluation
-    from utils.data import DEFAULT_DATA
+    from utils.data import DEFAULT_DATA_NAME, load_records, recorded_data_file
     from utils.generation import Settings, load_generator
     from utils.models import check_adapter_dir
+    from utils.training import run_arguments
 
     if not lora_weights:
         raise UserError("--lora_weights is required: the adapter directory (finetune.py's --output_dir) to compare with its base")
     check_adapter_dir(lora_weights)
     if not (loss or answers):
         raise UserError("--loss False and --answers False leave nothing to do")
-    trained = evaluation.run_arguments(lora_weights)
+    trained = run_arguments(lora_weights)
     pick = lambda value, key, default: value if value is not None else trained.get(key, default)
+    every_record = data_path is not None and val_set_size is None
     if data_path is None:  # the run's own held-out records
-        data_path = trained.get("data_path") or DEFAULT_DATA
-        val_set_size = pick(val_set_size, "val_set_size", None)
         if val_set_size is None and not trained:
             raise UserError(f"{lora_weights} has no training_args.json to find its held-out data: pass --data_path")
+        data_path = trained.get("data_path") or DEFAULT_DATA_NAME
+        val_set_size = pick(val_set_size, "val_set_size", None)  # unset in runs recorded before it was: the default
     settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
     config = dict(
         lora_weights=lora_weights, base_model=pick(base_model, "base_model", ""), data_path=data_path,
         val_set_size=val_set_size, seed=pick(seed, "seed", 42), column_map=pick(column_map, "column_map", None),
         cutoff_len=pick(cutoff_len, "cutoff_len", 256), add_eos_token=pick(add_eos_token, "add_eos_token", True),
         prompt_template=pick(prompt_template, "prompt_template_name", "alpaca"),
-        prompts_path=prompts_path or evaluation.DEFAULT_PROMPTS, generation=settings.__dict__,
+        chat_template=pick(chat_template, "chat_template", ""),
+        prompts_path=prompts_path or shown(evaluation.DEFAULT_PROMPTS), generation=settings.__dict__,
     )
     # Every file is read before the model loads, so a typo fails in a second.
-    records = evaluation.held_out_records(data_path, val_set_size, config["seed"], config["column_map"]) if loss else None
-    prompts = evaluation.load_prompts(config["prompts_path"]) if answers else None
+    records = None
+    if loss:
+        data_file = recorded_data_file(data_path)
+        records = (load_records(data_file, config["column_map"]) if every_record else
+                   evaluation.held_out_records(data_file, val_set_size, config["seed"], config["column_map"]))
+    prompts = evaluation.load_prompts(prompts_path or evaluation.DEFAULT_PROMPTS) if answers else None
     out = Path(output_dir or Path(lora_weights) / "evaluation")
     check_writable(str(out), "output_dir")
+    # A chat adapter (its run rendered conversations, or these records are conversations) is scored and asked in
+    # its chat template; an instruction adapter in its prompt template.
+    conversations = bool(config["chat_template"]) or bool(records and "messages" in records[0])
 
-    generator = load_generator(config["base_model"], lora_weights, quantization, device, config["prompt_template"])
+    generator = load_generator(config["base_model"], lora_weights, quantization, device, config["prompt_template"],
+                               chat_template=config["chat_template"] if conversations else None)
+    if generator.chat is not None:
+        config["chat_template"] = config["chat_template"] or generator.chat.name  # the default, resolved
     losses = rows = None
     if loss:
         started = time.perf_counter()

@@ -34,7 +34,8 @@ def export(
     from pathlib import Path
 
     from utils import export as ex
-    from utils.export_gguf import check_adapter_only, check_gguf, merge_dtype, resolve_outtype, write_gguf, write_gguf_lora
+    from utils.export_gguf import (check_adapter_only, check_gguf, merge_dtype, model_name, resolve_outtype, write_gguf,
+                                   write_gguf_lora)
     from utils.llamacpp import converter_dir
 
     outtype = resolve_outtype(outtype, adapter_only)
@@ -51,7 +52,8 @@ def export(
         else:
             dtype = merge_dtype(outtype, ex.resolve_dtype("auto", config))
             log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(dtype)}")
-            write_gguf(ex.load_merged(base_path, adapter, dtype), base_path, tmp, outtype, pre_tokenizer)
+            write_gguf(ex.load_merged(base_path, adapter, dtype), base_path, tmp, outtype, pre_tokenizer,
+                       model_name(base_model, adapter))
         size = tmp.stat().st_size
     log(f"Saved {output_file} ({outtype}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
     if not adapter_only:

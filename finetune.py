@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from utils.chat import load_chat_template
 from utils.cli import UserError, log, run
-from utils.data import DEFAULT_DATA, load_records, resolve_val_set_size, split_records, tokenize_records
+from utils.data import DEFAULT_DATA, load_records, recorded_data_path, resolve_val_set_size, split_records, tokenize_records
 from utils.prompts import Prompter
 
 
@@ -100,12 +100,15 @@ def train(
         overwrite_output_dir: Allow writing into an output_dir that holds an earlier run.
         seed: Seed for the data split, shuffling and LoRA initialisation.
     """
-    arguments = dict(locals())  # recorded in output_dir/training_args.json
+    arguments = dict(locals())
     # Every input is checked before the model loads (and the cheap checks before the slow ones): a mistake costs
-    # seconds, not a training run.
+    # seconds, not a training run. The inputs come before the output directory, so a missing data file is what a
+    # rerun into an earlier run's directory reports.
     from utils.checks import check_values
 
     check_values(arguments)
+    import torch
+
     from utils import models, training
     from utils.distributed import check_launcher, gather_adapter
 
@@ -120,16 +123,16 @@ def train(
     device = models.pick_device("auto")
     quantization = models.pick_quantization(quantization, device)
     dtype = models.pick_dtype(device, bf16)
-    out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
-    checkpoint, warm_start = training.resolve_resume(resume_from_checkpoint, out)
-    if checkpoint:
-        training.check_checkpoint_matches(checkpoint, lora_r, target_modules)
     records = load_records(data_path, column_map)
     val_size = resolve_val_set_size(val_set_size, len(records))
 
     base_path = models.resolve_base_model(base_model)
     models.check_cutoff_len(base_path, cutoff_len)
     models.check_target_modules(base_path, target_modules)
+    out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
+    checkpoint, warm_start = training.resolve_resume(resume_from_checkpoint, out)
+    if checkpoint:
+        training.check_checkpoint_matches(checkpoint, lora_r, target_modules)
     if warm_start:
         models.check_adapter_fits(base_path, warm_start)
     tokenizer = models.load_tokenizer(base_path)
@@ -152,6 +155,14 @@ def train(
     if checkpoint and training.steps_done(checkpoint) >= total_steps:
         raise UserError(f"{checkpoint} is already at step {training.steps_done(checkpoint)} of this run's {total_steps}: "
                         "nothing left to train; raise --max_steps or --num_epochs to continue it")
+    warmup_steps = min(warmup_steps, total_steps // 10)  # at most a tenth of the run: a short run reaches the rate
+    # What later scripts read back (evaluate.py's held-out records, the export's chat template): the values this run
+    # used, not the unset flags they were resolved from, and the names the user gave rather than this machine's paths.
+    arguments.update(
+        data_path=recorded_data_path(data_path), val_set_size=val_size, train_on_inputs=train_on_inputs,
+        chat_template=chat_template or (chat.name if chat else ""), lora_target_modules=target_modules,
+        quantization=quantization, bf16=dtype == torch.bfloat16, warmup_steps=warmup_steps,
+    )
 
     log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
         f"({'not quantized' if quantization == 'none' else quantization}, {str(dtype).removeprefix('torch.')})")
@@ -190,8 +201,9 @@ def train(
     if trainer.is_world_process_zero():
         from utils.metrics import write_reports
 
-        save_run(trainer, tokenizer, out, arguments, state_dict)
-        write_reports(trainer.state.log_history, metrics, out, f"LoRA r={lora_r} on {Path(base_path).name}")
+        save_run(trainer, tokenizer, out, arguments, state_dict, models.base_model_name(base_model))
+        write_reports(trainer.state.log_history, metrics, out,
+                      f"LoRA r={lora_r} on {Path(models.base_model_name(base_model)).name}")
     log(f"Saved the LoRA adapter to {out}")
 
 
@@ -263,7 +275,7 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
         gradient_accumulation_steps=grad_accum,
-        warmup_steps=min(warmup_steps, max(0, total_steps // 10)),
+        warmup_steps=warmup_steps,
         num_train_epochs=num_epochs,
         max_steps=max_steps,
         learning_rate=learning_rate,
@@ -304,13 +316,24 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     return trainer
 
 
-def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict] = None) -> None:
+def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict] = None, base_name: str = "") -> None:
     """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used.
-    state_dict: the adapter's weights gathered from sharded ranks (utils.distributed.gather_adapter)."""
+    state_dict: the adapter's weights gathered from sharded ranks (utils.distributed.gather_adapter); base_name: the
+    base model as the adapter's config names it (models.base_model_name)."""
     from utils.training import save_atomically
 
+    if base_name:
+        # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache), in the
+        # adapter's config and its model card; they name it as the user did, which models.resolve_base_model loads
+        # on any machine.
+        for config in trainer.model.peft_config.values():
+            config.base_model_name_or_path = base_name
+        base = trainer.model.get_base_model()
+        base.name_or_path = base.config._name_or_path = base_name
+
     def save(tmp: Path):
-        trainer.model.save_pretrained(tmp, state_dict=state_dict)
+        # No embedding layer is ever adapted; "auto" would look the base up by that name, on the Hub.
+        trainer.model.save_pretrained(tmp, state_dict=state_dict, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
 

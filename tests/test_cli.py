@@ -143,6 +143,15 @@ def test_a_mistake_is_one_line_before_any_work(files, tmp_path, script, args, me
     assert seconds < SECONDS, f"{seconds:.1f} s to fail"
 
 
+def test_a_missing_data_file_is_reported_before_an_earlier_runs_output_dir(tmp_path):
+    """After the quick start (./lora-alpaca holds a run), `finetune.py --data_path nothere.json` names the input's
+    problem first: fixing the output directory alone would only lead to the next error."""
+    (tmp_path / "lora-alpaca").mkdir()
+    (tmp_path / "lora-alpaca" / "adapter_model.safetensors").write_text("the quick start's run")
+    proc, _ = run_script("finetune.py", ["--data_path", "nothere.json"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: data file nothere.json not found", proc.stderr
+
+
 def test_a_busy_port_is_found_before_the_model_loads(files, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -133,6 +133,17 @@ def test_records_cut_before_their_response_are_dropped(tokenizer):
     assert len(tokenize(tokenizer, [long_prompt, RECORD], cutoff_len=128)) == 1
 
 
+def test_records_cut_before_their_response_are_dropped_with_the_prompt_trained_on_too(tokenizer, alpaca_file):
+    """--train_on_inputs (the default for instruction records) drops the same records: one whose response is cut off
+    entirely would teach the prompt alone. Those whose response starts within cutoff_len stay, with it or not."""
+    records = load_records(str(alpaca_file))
+    for cutoff_len in (110, 160, 200):  # the tiny tokenizer's prompts here take 92 to 202 tokens
+        masked = tokenize(tokenizer, records, cutoff_len=cutoff_len, train_on_inputs=False)
+        whole = tokenize(tokenizer, records, cutoff_len=cutoff_len, train_on_inputs=True)
+        assert whole["input_ids"] == masked["input_ids"], cutoff_len
+        assert 0 < len(whole) < len(records)
+
+
 def test_embedded_tokenizer_masks_at_the_response(embedded_model):
     """SmolLM2's byte-level BPE has no BOS and merges across '\\n': the mask still splits at the response."""
     tok = load_tokenizer(embedded_model)

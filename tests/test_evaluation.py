@@ -175,3 +175,157 @@ def test_cli_bad_input_is_one_line_and_help_documents_every_flag():
     doc = evaluate.main.__doc__
     for flag in inspect.signature(evaluate.main).parameters:
         assert f"\n        {flag}: " in doc, flag
+
+
+# --- runs on every default: what finetune.py records is what it resolved, and evaluate.py relies on it -------------
+
+@pytest.fixture
+def embedded_is_tiny(monkeypatch, tiny_model):
+    """The embedded default (no --base_model) stands for the tiny model: the default path, in seconds."""
+    patch_embedded(monkeypatch, tiny_model)
+
+
+def patch_embedded(monkeypatch, tiny_model):
+    import utils.models
+
+    monkeypatch.setattr(utils.models, "embedded_gguf", lambda: Path(utils.models.EMBEDDED_GGUF))
+    monkeypatch.setattr(utils.models, "gguf_to_hf", lambda gguf: tiny_model)
+
+
+@pytest.fixture(scope="module")
+def default_run(tiny_model, tmp_path_factory):
+    """`python finetune.py` with no model, data or validation flags (only a short, small-batch run), from a working
+    directory of its own, as the quick start runs it; returns (the working directory, the plot titles drawn)."""
+    import utils.metrics
+
+    cwd = tmp_path_factory.mktemp("quick-start")
+    titles = []
+    draw = utils.metrics.plot_loss_curve
+    with pytest.MonkeyPatch.context() as patch:
+        patch_embedded(patch, tiny_model)
+        patch.chdir(cwd)
+        patch.setattr(utils.metrics, "plot_loss_curve", lambda history, path, title="": titles.append(title) or draw(history, path, title))
+        finetune.train(batch_size=8, micro_batch_size=4, max_steps=2, save_steps=2, logging_steps=1)
+    return cwd, titles
+
+
+def test_a_default_run_records_what_it_resolved_and_no_machine_paths(default_run, tiny_model):
+    from utils.data import DEFAULT_DATA, resolve_val_set_size
+    from utils.models import EMBEDDED_NAME, resolve_base_model
+
+    cwd, titles = default_run
+    run = cwd / "lora-alpaca"
+    args = json.loads((run / "training_args.json").read_text())
+    shipped = len(json.loads(Path(DEFAULT_DATA).read_text()))
+    assert args["val_set_size"] == resolve_val_set_size(None, shipped) == 49  # the count held out, not null
+    assert args["data_path"] == "data/alpaca_en_demo.json" and args["base_model"] == ""  # as the user gave them
+    assert (args["train_on_inputs"], args["prompt_template_name"], args["chat_template"]) == (True, "alpaca", "")
+    assert args["quantization"] == "none" and args["lora_target_modules"] == ["q_proj", "v_proj"]
+    assert args["warmup_steps"] == 0  # --warmup_steps 100 is capped at a tenth of this 2-step run
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == EMBEDDED_NAME  # not the converted copy's cache folder
+    assert resolve_base_model(EMBEDDED_NAME) == resolve_base_model("")  # which loads the embedded model back
+    assert titles[-1] == f"LoRA r=8 on {EMBEDDED_NAME}"
+    assert f"base_model: {EMBEDDED_NAME}" in (run / "README.md").read_text()  # PEFT's model card
+    for written in ("training_args.json", "adapter_config.json", "README.md"):
+        text = (run / written).read_text()
+        assert str(REPO) not in text and str(tiny_model) not in text and str(cwd) not in text, written
+
+
+def test_evaluate_scores_exactly_the_held_out_records_of_a_default_run(default_run, embedded_is_tiny, monkeypatch, tmp_path):
+    """`python evaluate.py --lora_weights ./lora-alpaca` after the quick start, from any directory: it scores the
+    records the run held out (finetune.py's split, recomputed here), none of those it trained on."""
+    import utils.evaluation
+    from utils.data import DEFAULT_DATA, load_records, split_records
+
+    cwd, _ = default_run
+    scored = []
+    compare = utils.evaluation.compare_losses
+    monkeypatch.setattr(utils.evaluation, "compare_losses", lambda g, records, *a: scored.extend(records) or compare(g, records, *a))
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(lora_weights=str(cwd / "lora-alpaca"), answers=False)
+    train, held_out = split_records(load_records(DEFAULT_DATA), 49, seed=42)
+    assert scored == held_out.to_list()
+    data = load_records(DEFAULT_DATA)
+    also_trained_on = [r for r in scored if r in train.to_list()]
+    assert all(data.count(r) > 1 for r in also_trained_on)  # only the file's own duplicates (985 of 999 are unique)
+    report = json.loads((cwd / "lora-alpaca" / "evaluation" / "evaluation.json").read_text())
+    settings = report["settings"]
+    assert (settings["data_path"], settings["prompts_path"]) == ("data/alpaca_en_demo.json", "data/eval_prompts.json")
+    assert str(REPO) not in json.dumps(settings)
+
+
+def test_a_run_that_held_out_nothing_has_nothing_to_score(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """val_set_size 0 trains on every record: evaluate.py refuses (before loading a model) instead of scoring them."""
+    import utils.generation
+    from utils.evaluation import held_out_records
+
+    out = tmp_path / "lora"
+    finetune.train(**dict(QUICK, val_set_size=0), base_model=str(tiny_model), data_path=str(alpaca_file),
+                   output_dir=str(out), max_steps=1)
+    monkeypatch.setattr(utils.generation, "load_generator", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match="--val_set_size 0 holds out none of the 40 records of .*alpaca.json"):
+        evaluate.main(lora_weights=str(out), answers=False)
+    # A run recorded before val_set_size was resolved (null): finetune.py's default split of its data.
+    assert held_out_records(str(alpaca_file), None, 42) == held_out_records(str(alpaca_file), 2, 42)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model, tmp_path_factory):
+    """The tiny model with a chat template of its own, as instruct models have (not alpaca_chat's Alpaca look)."""
+    import shutil
+
+    from utils.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("chat-model") / "tiny-chat"
+    shutil.copytree(tiny_model, folder)
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}{% if m.role == 'assistant' %}"
+                               "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_scores_and_asks_a_chat_adapter_in_its_chat_template(chat_model, tmp_path, monkeypatch):
+    """A chat run on the shipped conversations, evaluated with --lora_weights alone: the held-out conversations are
+    scored on their assistant turns, rendered as in training, and the prompts are asked as conversations."""
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    from utils.chat import load_chat_template
+    from utils.data import load_records, split_records, tokenize_records
+    from utils.generation import Generator
+    from utils.models import load_tokenizer
+    from utils.ollama import adapter_chat_template
+
+    data = tmp_path / "chat.json"
+    data.write_text(json.dumps(json.loads((REPO / "data" / "fastchat_dummy_conversation.json").read_text())[:40]))
+    out = tmp_path / "chat-lora"
+    finetune.train(**QUICK, base_model=str(chat_model), data_path=str(data), output_dir=str(out), max_steps=2)
+    args = json.loads((out / "training_args.json").read_text())
+    assert (args["chat_template"], args["train_on_inputs"], args["val_set_size"]) == ("tokenizer", False, 8)
+    tokenizer = load_tokenizer(str(chat_model))
+    assert adapter_chat_template(str(out), tokenizer).name == "tokenizer"  # the Ollama export's template too
+
+    asked = []
+    complete = Generator.complete
+    monkeypatch.setattr(Generator, "complete", lambda self, prompts, *a, **k: asked.extend(prompts) or complete(self, prompts, *a, **k))
+    evaluate.main(lora_weights=str(out), output_dir=str(tmp_path / "eval"), max_new_tokens=4)
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["settings"]["chat_template"] == "tokenizer"
+    chat = load_chat_template("tokenizer", tokenizer)
+    held_out = split_records(load_records(str(data)), 8, seed=42)[1]
+    dataset = tokenize_records(held_out, tokenizer, None, cutoff_len=128, train_on_inputs=False, add_eos_token=True, chat=chat)
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(dataset.to_list())
+    with torch.no_grad():
+        base_loss = AutoModelForCausalLM.from_pretrained(chat_model)(**batch).loss.item()
+    assert report["held_out"]["base"]["records"] == 8
+    assert report["held_out"]["base"]["loss"] == pytest.approx(base_loss, rel=1e-5)
+    assert asked[0] == "<user> Tell me about alpacas.<assistant> "  # (Jinja's trim_blocks eats the newline)
+
+
+def test_the_documented_run_names_paths_as_they_were_given():
+    """docs/real-run/*.json are the README's evidence: paths as typed (or the shipped files by their place in the
+    repository), not the checkout of the machine that ran them."""
+    for name in ("training_args.json", "evaluation.json", "metrics.json"):
+        text = (REPO / "docs" / "real-run" / name).read_text()
+        assert not re.search(r'"(/|[A-Za-z]:\\\\)', text), name

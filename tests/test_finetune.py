@@ -255,6 +255,15 @@ def test_a_cutoff_that_leaves_no_response_is_refused(tiny_model, alpaca_file, tm
         run_train(tiny_model, alpaca_file, tmp_path / "out", cutoff_len=8, train_on_inputs=False)
 
 
+def test_a_cutoff_that_leaves_no_response_is_refused_on_the_default(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """With no --train_on_inputs (on for instruction records), records cut off before their response are dropped too."""
+    import utils.models
+
+    monkeypatch.setattr(utils.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match="no training record keeps any response token within --cutoff_len 8: raise --cutoff_len"):
+        run_train(tiny_model, alpaca_file, tmp_path / "out", cutoff_len=8)
+
+
 def test_all_linear_adapts_every_linear_layer(tiny_model, alpaca_file, tmp_path):
     out = run_train(tiny_model, alpaca_file, tmp_path / "all", max_steps=1, val_set_size=0, lora_target_modules="all-linear")
     config = json.loads((out / "adapter_config.json").read_text())

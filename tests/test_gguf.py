@@ -135,6 +135,19 @@ def test_adapter_alone_as_gguf_lora(llama_cpp, tmp_path, tiny_gqa_model, adapter
     assert np.abs(with_lora - llama_logits(load(llama_cpp, merged), ids)).max() < F32
 
 
+def test_general_name_is_the_models_not_the_work_folders(llama_cpp, tmp_path, tiny_model, adapters):
+    """llama.cpp and Ollama show general.name: the base and adapter as the user named them (the converter's own
+    guess was "Hf", from the temporary folder it read); the embedded base by its name."""
+    from gguf import GGUFReader
+
+    from utils.export_gguf import model_name
+
+    out = export(tiny_model, tmp_path / "named.gguf", adapters[tiny_model], outtype="f32")
+    field = GGUFReader(out).fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == f"{tiny_model.name} + {adapters[tiny_model].name}"
+    assert model_name("", "./lora-alpaca") == "SmolLM2-135M-Instruct + lora-alpaca"
+
+
 # --- today's families (tests/families.py) ---------------------------------------------------------------------------
 
 GGUF_FAMILIES = [name for name in FAMILIES if name != "gemma2"]

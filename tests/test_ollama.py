@@ -86,3 +86,18 @@ def test_the_renderer_can_fail():
     assert render_go(template, CONVERSATION) == "U:Who are you?A:I am an alpaca.U:Where do you live?"
     with pytest.raises(AssertionError):
         render_go("{{ .Prompt }}", CONVERSATION)
+
+
+def test_a_checkpoint_is_exported_in_its_runs_template(tiny_model, tmp_path):
+    """A checkpoint-N holds no training_args.json: the run's, beside it, says which template it was trained in (not the
+    tokenizer's own, the default for an adapter nothing is known about)."""
+    import json
+
+    from utils.ollama import adapter_chat_template
+
+    run = tmp_path / "lora-alpaca"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "training_args.json").write_text(json.dumps({"prompt_template_name": "alpaca", "chat_template": ""}))
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}{% endfor %}"
+    assert adapter_chat_template(str(run / "checkpoint-2"), tokenizer).name == "alpaca_chat"

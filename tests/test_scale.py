@@ -19,8 +19,9 @@ from tiny import ALPACA, REPO
 
 # Global batch 8: one process accumulates 2 micro-batches of 4, two ranks run one each. No LoRA dropout, whose
 # random masks would differ between the layouts. r=16 puts each LoRA weight (16 × 64 values) above ZeRO-3's
-# persistence threshold (10 × hidden = 640), so ZeRO-3 really shards them. Checkpoints at steps 2 and 3.
-ARGS = dict(batch_size=8, micro_batch_size=4, cutoff_len=128, val_set_size=0, max_steps=3, logging_steps=1,
+# persistence threshold (10 × hidden = 640), so ZeRO-3 really shards them. Checkpoints at steps 2 and 3. cutoff_len
+# 256 keeps all 32 records (a record cut off before its response is dropped): 3 steps of full global batches.
+ARGS = dict(batch_size=8, micro_batch_size=4, cutoff_len=256, val_set_size=0, max_steps=3, logging_steps=1,
             save_steps=2, warmup_steps=0, learning_rate=1e-3, lora_dropout=0.0, lora_r=16, quantization="none", bf16=False)
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]

@@ -10,6 +10,7 @@ from utils.cli import UserError, log
 from utils.prompts import Prompter
 
 DEFAULT_DATA = str(Path(__file__).resolve().parent.parent / "data" / "alpaca_en_demo.json")
+DEFAULT_DATA_NAME = "data/alpaca_en_demo.json"  # how runs record the shipped sample: its place in the repository
 IGNORE_INDEX = -100  # the label value the loss skips
 # Dolly's columns mean the same as Alpaca's; they are renamed, not converted.
 DOLLY_COLUMNS = {"context": "input", "response": "output"}
@@ -113,6 +114,19 @@ def load_raw_records(data_path: str) -> list:
         raise UserError(f"could not load data set '{data_path}' from the Hugging Face Hub: {str(err).splitlines()[0]}") from None
 
 
+def recorded_data_path(data_path: str) -> str:
+    """A run's data as training_args.json records it: as the user gave it, the shipped sample by DEFAULT_DATA_NAME
+    (its absolute path would name one machine's checkout)."""
+    return DEFAULT_DATA_NAME if data_path == DEFAULT_DATA else data_path
+
+
+def recorded_data_file(recorded: str) -> str:
+    """The data a run recorded, to load here: DEFAULT_DATA_NAME is the shipped sample wherever the script runs from."""
+    if not recorded or (recorded == DEFAULT_DATA_NAME and not Path(recorded).is_file()):
+        return DEFAULT_DATA
+    return recorded
+
+
 def rename(record, column_map: dict):
     """The record with its fields renamed by --column_map."""
     return {column_map.get(k, k): v for k, v in record.items()} if isinstance(record, dict) else record
@@ -188,7 +202,8 @@ def render(record: dict, prompter: Prompter, chat: Optional[ChatTemplate] = None
 def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool,
                    chat: Optional[ChatTemplate] = None) -> dict:
     """Render and tokenize a batch of records; labels are -100 outside the spans unless train_on_inputs. Records
-    left with no label to learn (the response cut off by cutoff_len) are dropped here, not in a second pass."""
+    left with no response token (the response cut off by cutoff_len) are dropped here, not in a second pass, with
+    train_on_inputs too: they would teach the prompt alone."""
     rendered = [render(dict(zip(batch, values)), prompter, chat) for values in zip(*batch.values())]
     encodings = encode_batch(tokenizer, [r["text"] for r in rendered], cutoff_len)
     eos = tokenizer.eos_token_id
@@ -196,10 +211,11 @@ def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, 
     for encoding, r in zip(encodings, rendered):
         ids = encoding.ids
         labels = list(ids) if train_on_inputs else span_labels(ids, encoding.offsets, r["spans"])
+        answered = reaches_a_span(encoding, r["spans"]) if train_on_inputs else labels.count(IGNORE_INDEX) < len(labels)
         # A conversation's turns end with the template's own end-of-turn marker (in the spans) instead.
         if add_eos_token and not r["conversation"] and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
-            ids, labels = ids + [eos], labels + [eos]
-        if labels.count(IGNORE_INDEX) == len(labels):
+            ids, labels, answered = ids + [eos], labels + [eos], True  # the EOS is the response's last token
+        if not answered:
             continue
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
@@ -218,6 +234,17 @@ def encode_batch(tokenizer, texts: list[str], cutoff_len: int) -> list:
         return backend.encode_batch(texts, add_special_tokens=True)
     finally:
         backend.no_truncation() if saved is None else backend.enable_truncation(**saved)
+
+
+def reaches_a_span(encoding, spans: list[tuple[int, int]]) -> bool:
+    """Whether the tokens kept after truncation reach into a span (what span_labels would train on), without
+    labelling every token: tokens cover the text in order, so the end of the last one with text decides (asked of
+    the Rust encoding for that token alone, not for every token's offsets)."""
+    last = len(encoding) - 1
+    while last >= 0 and encoding.token_to_chars(last) in (None, (0, 0)):  # trailing special tokens have no text
+        last -= 1
+    kept = encoding.token_to_chars(last)[1] if last >= 0 else 0
+    return any(start < end and start < kept for start, end in spans)
 
 
 def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

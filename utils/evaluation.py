@@ -20,22 +20,14 @@ from utils.generation import Generator, Settings
 DEFAULT_PROMPTS = str(Path(__file__).resolve().parent.parent / "data" / "eval_prompts.json")
 
 
-def run_arguments(lora_weights: str) -> dict:
-    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
-    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
-        path = folder / "training_args.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    return {}
-
-
 def held_out_records(data_path: str, val_set_size: Optional[float], seed: int, column_map=None) -> list[dict]:
-    """The records to score: finetune.py's held-out split when val_set_size is set (same seed, same split),
-    otherwise every record of the file."""
+    """The records finetune.py holds out of data_path with this --val_set_size (None: finetune.py's default size)
+    and seed: the same split, so none of them was trained on."""
     records = load_records(data_path, column_map)
-    if not val_set_size:
-        return records
     size = resolve_val_set_size(val_set_size, len(records))
+    if size == 0:
+        raise UserError(f"--val_set_size {val_set_size} holds out none of the {len(records)} records of {data_path} "
+                        "(a run trained with it trained on them all): score other records with --data_path")
     return split_records(records, size, seed)[1].to_list()
 
 
@@ -76,12 +68,13 @@ def pad_right(rows: list[dict], pad_token_id: int) -> dict:
 
 
 def compare_losses(generator: Generator, records: list[dict], cutoff_len: int, add_eos_token: bool, batch_size: int) -> dict:
-    """Held-out loss of the base model and of base + adapter, tokenized and masked as in training.
+    """Held-out loss of the base model and of base + adapter, tokenized and masked as in training (conversations
+    in the generator's chat template).
 
     Only response tokens count (train_on_inputs=False): the prompt template is the same text every time and
     would flatter the adapter."""
     dataset = tokenize_records(records, generator.tokenizer, generator.prompter, cutoff_len=cutoff_len,
-                               train_on_inputs=False, add_eos_token=add_eos_token)
+                               train_on_inputs=False, add_eos_token=add_eos_token, chat=generator.chat)
     pad = generator.tokenizer.pad_token_id
     with generator.model.disable_adapter():
         base = response_loss(generator.model, dataset, pad, batch_size)
@@ -95,9 +88,17 @@ def load_prompts(path: str) -> list[dict]:
     return [{"instruction": r["instruction"], "input": r.get("input", "")} for r in read_instructions(path, "prompts file")]
 
 
+def render_prompt(generator: Generator, prompt: dict) -> str:
+    """A prompt as the adapter was trained: in its prompt template, or for a chat adapter as a one-turn conversation."""
+    if generator.chat is None:
+        return generator.render(prompt["instruction"], prompt["input"])
+    message = "\n\n".join(part for part in (prompt["instruction"], prompt["input"]) if part)
+    return generator.chat.render([{"role": "user", "content": message}], add_generation_prompt=True)
+
+
 def compare_answers(generator: Generator, prompts: list[dict], settings: Settings, batch_size: int) -> list[dict]:
     """Each prompt with the base model's and the adapter's answer (batched, left-padded generation)."""
-    rendered = [generator.render(p["instruction"], p["input"]) for p in prompts]
+    rendered = [render_prompt(generator, p) for p in prompts]
     answers = {}
     for name in ("base", "adapter"):
         completions = []

@@ -62,23 +62,33 @@ def merge_dtype(outtype: str, own: torch.dtype) -> torch.dtype:
     return {"f16": torch.float16, "bf16": torch.bfloat16}.get(outtype, torch.float32)
 
 
-def write_gguf(model, base_path: str, path: Path, outtype: str, pre_tokenizer: str = "") -> None:
-    """The merged model, with the base's tokenizer, as one GGUF file at path."""
+def model_name(base_model: str, lora_weights: str = "") -> str:
+    """The GGUF's general.name (what llama.cpp and Ollama show): the base as the user named it, plus the adapter's."""
+    from utils.models import base_model_name
+
+    base = Path(base_model_name(base_model)).name
+    return f"{base} + {Path(lora_weights).name}" if lora_weights else base
+
+
+def write_gguf(model, base_path: str, path: Path, outtype: str, pre_tokenizer: str = "", name: str = "") -> None:
+    """The merged model, with the base's tokenizer, as one GGUF file at path; `name` its general.name (default: the
+    converter's guess from the folder it reads, which is a temporary one here)."""
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gguf-work-") as work:
         checkpoint = Path(work) / "hf"
         model.save_pretrained(checkpoint)
         save_tokenizer(base_path, checkpoint)
         if outtype in CONVERTER_TYPES:
-            convert(checkpoint, path, outtype, pre_tokenizer)
+            convert(checkpoint, path, outtype, pre_tokenizer, name)
             return
         unquantized = Path(work) / "model.gguf"
-        convert(checkpoint, unquantized, "auto", pre_tokenizer)  # f16, or bf16 for a bf16 base
+        convert(checkpoint, unquantized, "auto", pre_tokenizer, name)  # f16, or bf16 for a bf16 base
         del model  # the quantizer holds its own copy; free the merged weights' memory
         quantize(unquantized, path, outtype)
 
 
-def convert(checkpoint: Path, path: Path, outtype: str, pre_tokenizer: str = "") -> None:
-    run_converter("convert_hf_to_gguf.py", [str(checkpoint), "--outfile", str(path), "--outtype", outtype],
+def convert(checkpoint: Path, path: Path, outtype: str, pre_tokenizer: str = "", name: str = "") -> None:
+    names = ["--model-name", name] if name else []
+    run_converter("convert_hf_to_gguf.py", [str(checkpoint), "--outfile", str(path), "--outtype", outtype, *names],
                   pre_tokenizer)
 
 

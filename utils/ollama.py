@@ -6,7 +6,6 @@ user and an assistant turn one after another gives each role's text before and a
 turn-by-turn template is (training already requires that, to find the assistant turns).
 """
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +21,9 @@ CHECK = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "con
 def adapter_chat_template(lora_weights: Optional[str], tokenizer) -> ChatTemplate:
     """The template conversations were trained in: the adapter's --chat_template; for an adapter trained on
     instructions, the chat form of its prompt template (alpaca -> alpaca_chat); the tokenizer's own otherwise."""
-    args_file = Path(lora_weights or "") / "training_args.json"
-    args = json.loads(args_file.read_text()) if lora_weights and args_file.is_file() else {}
+    from utils.training import run_arguments
+
+    args = run_arguments(lora_weights) if lora_weights else {}
     name = args.get("chat_template") or ""
     if not name and args:
         chat_form = f"{args.get('prompt_template_name', 'alpaca')}_chat"
