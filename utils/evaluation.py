@@ -20,15 +20,6 @@ from utils.generation import Generator, Settings
 DEFAULT_PROMPTS = str(Path(__file__).resolve().parent.parent / "data" / "eval_prompts.json")
 
 
-def run_arguments(lora_weights: str) -> dict:
-    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
-    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
-        path = folder / "training_args.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    return {}
-
-
 def held_out_records(data_path: str, val_set_size: Optional[float], seed: int, column_map=None) -> list[dict]:
     """The records to score: finetune.py's held-out split when val_set_size is set (same seed, same split),
     otherwise every record of the file."""
