@@ -167,3 +167,16 @@ def test_the_chat_form_of_alpaca_is_alpaca_chat():
     derived = InstructionChatTemplate(Prompter("alpaca"), "</s>")
     assert derived.render(conversation, add_generation_prompt=True) == \
         load_chat_template("alpaca_chat", Tokenizer()).render(conversation, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("recorded, expected", [("alpaca_chat", "alpaca_chat"), ("", "vigogne")])
+def test_the_chat_template_the_adapter_recorded_is_the_default(tmp_path, qwen_base, recorded, expected, monkeypatch):
+    """finetune.py --chat_template alpaca_chat is served in alpaca_chat, not in the tokenizer's template."""
+    from utils.generation import load_generator
+
+    adapter = trained_adapter(qwen_base, tmp_path / "adapter", "vigogne")
+    args = json.loads((adapter / "training_args.json").read_text())
+    (adapter / "training_args.json").write_text(json.dumps({**args, "chat_template": recorded}))
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    assert load_generator(lora_weights=str(adapter), device="cpu").chat.name == expected
+    assert load_generator(lora_weights=str(adapter), device="cpu", chat_template="tokenizer").chat.name == "tokenizer"
