@@ -52,6 +52,8 @@ def test_what_the_adapter_names(tmp_path, tiny_model, monkeypatch, capsys):
     assert models.choose_base_model("", str(adapter_dir(tmp_path / "local", base=str(tiny_model)))) == str(tiny_model)
     converted = models.cache_root() / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0123456789ab"
     assert models.choose_base_model("", str(adapter_dir(tmp_path / "cache", base=str(converted)))) == ""
+    for i, name in enumerate(["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"]):  # the embedded model by name
+        assert models.choose_base_model("", str(adapter_dir(tmp_path / f"named{i}", {"base_model": name}))) == ""
     # A checkpoint-N inside a run: the run's training_args.json.
     run = adapter_dir(tmp_path / "run", {"base_model": str(tiny_model)})
     assert models.choose_base_model("", str(adapter_dir(run / "checkpoint-200"))) == str(tiny_model)

@@ -81,7 +81,7 @@ def choose_base_model(base_model: Optional[str], lora_weights: Optional[str] = "
         return ""
     run = run_arguments(lora_weights)
     if "base_model" in run:  # "" there is the embedded model, as finetune.py's own default
-        named, source = str(run["base_model"] or ""), "training_args.json"
+        named, source = embedded_as_empty(str(run["base_model"] or "")), "training_args.json"
     else:
         named, source = embedded_as_empty(adapter_base(lora_weights)), "adapter_config.json"
     if named and not loadable_name(named):
@@ -104,10 +104,12 @@ def loadable_name(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not name.endswith(".gguf")
 
 
-def embedded_as_empty(path: str) -> str:
-    """"" for the embedded model's conversion in the cache (what PEFT records for it), else path unchanged."""
-    converted = Path(path).parent == cache_root() / "gguf" and Path(path).name.startswith(Path(EMBEDDED_GGUF).stem + "-")
-    return "" if converted else path
+def embedded_as_empty(name: str) -> str:
+    """"" for the embedded model, named by its conversion in the cache (what PEFT records for it) or by its own name
+    (SmolLM2-135M-Instruct, its GGUF file's name), else the name unchanged."""
+    stem = Path(EMBEDDED_GGUF).stem
+    converted = Path(name).parent == cache_root() / "gguf" and Path(name).name.startswith(stem + "-")
+    return "" if converted or name in (EMBEDDED_GGUF, stem, stem.split(".")[0]) else name
 
 
 def run_arguments(lora_weights: str) -> dict:
