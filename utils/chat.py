@@ -219,9 +219,10 @@ def trained_on_conversations(run: dict) -> bool:
         return False
     try:
         records = read_json_records(path)
-        return isinstance(records, list) and bool(records) and record_shape(rename(records[0], parse_column_map(run.get("column_map")))) is not None
-    except (UserError, AttributeError):  # the file has changed since: no worse than not knowing
+        column_map = parse_column_map(run.get("column_map"))
+    except UserError:  # the file has changed since it was trained on: no worse than not knowing
         return False
+    return isinstance(records, list) and bool(records) and record_shape(rename(records[0], column_map)) is not None
 
 
 def load_chat_template(name: str, tokenizer) -> ChatTemplate:

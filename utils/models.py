@@ -117,7 +117,10 @@ def run_arguments(lora_weights: str) -> dict:
     for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
         path = folder / "training_args.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                return json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} is not valid JSON ({err}): repair it or delete it") from None
     return {}
 
 
