@@ -43,7 +43,7 @@ def main(
 
     Args:
         lora_weights: LoRA adapter directory (finetune.py's output_dir, or a checkpoint-N in it) or Hub id. Required.
-        base_model: Hub id, local HF directory or .gguf file; default: the run's base model (else the embedded SmolLM2-135M-Instruct).
+        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the run's base model (else the embedded SmolLM2-135M-Instruct).
         data_path: .json/.jsonl file or Hub data set id to score; default: the run's data with --val_set_size and --seed reproducing its split.
         val_set_size: Score only the records finetune.py holds out with this --val_set_size (count or fraction); unset with --data_path: every record.
         seed: The split's seed (finetune.py --seed); default: the run's, else 42.
@@ -71,8 +71,7 @@ def main(
     from utils import evaluation
     from utils.data import DEFAULT_DATA_NAME, load_records, recorded_data_file
     from utils.generation import Settings, load_generator
-    from utils.models import check_adapter_dir
-    from utils.training import run_arguments
+    from utils.models import check_adapter_dir, choose_base_model, run_arguments
 
     if not lora_weights:
         raise UserError("--lora_weights is required: the adapter directory (finetune.py's --output_dir) to compare with its base")
@@ -89,7 +88,7 @@ def main(
         val_set_size = pick(val_set_size, "val_set_size", None)  # unset in runs recorded before it was: the default
     settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
     config = dict(
-        lora_weights=lora_weights, base_model=pick(base_model, "base_model", ""), data_path=data_path,
+        lora_weights=lora_weights, base_model=choose_base_model(base_model, lora_weights), data_path=data_path,
         val_set_size=val_set_size, seed=pick(seed, "seed", 42), column_map=pick(column_map, "column_map", None),
         cutoff_len=pick(cutoff_len, "cutoff_len", 256), add_eos_token=pick(add_eos_token, "add_eos_token", True),
         prompt_template=pick(prompt_template, "prompt_template_name", "alpaca"),

@@ -16,7 +16,7 @@ def export(
     """Save base + adapter, merged, as safetensors shards with the tokenizer and generation config.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.
+        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
         output_dir: Directory to create (it must not exist or be empty); written atomically.
         dtype: auto (the base's own) | float32 | float16 | bfloat16. The base is loaded unquantized in this dtype.
@@ -29,7 +29,7 @@ def export(
     from utils import export as ex
 
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
-        base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
+        base_model, base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
         torch_dtype = ex.resolve_dtype(dtype, config)
         log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(torch_dtype)}")
         model = ex.load_merged(base_path, adapter, torch_dtype)

@@ -62,7 +62,7 @@ def train(
     """Fine-tune a causal LM with LoRA on instruction data and save the adapter to output_dir.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.
+        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base of the adapter resumed from, else the embedded SmolLM2-135M-Instruct.
         data_path: .json/.jsonl file or Hub data set id (e.g. yahma/alpaca-cleaned); default: the shipped 999-record Alpaca sample.
         output_dir: Where checkpoints, the final adapter, the tokenizer and metrics.json are written.
         batch_size: Records per optimizer step (global, over all processes).
@@ -126,13 +126,14 @@ def train(
     records = load_records(data_path, column_map)
     val_size = resolve_val_set_size(val_set_size, len(records))
 
-    base_path = models.resolve_base_model(base_model)
-    models.check_cutoff_len(base_path, cutoff_len)
-    models.check_target_modules(base_path, target_modules)
     out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
     checkpoint, warm_start = training.resolve_resume(resume_from_checkpoint, out)
     if checkpoint:
         training.check_checkpoint_matches(checkpoint, lora_r, target_modules)
+    base_model = arguments["base_model"] = models.choose_base_model(base_model, checkpoint or warm_start)
+    base_path = models.resolve_base_model(base_model)
+    models.check_cutoff_len(base_path, cutoff_len)
+    models.check_target_modules(base_path, target_modules)
     if warm_start:
         models.check_adapter_fits(base_path, warm_start)
     tokenizer = models.load_tokenizer(base_path)

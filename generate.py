@@ -25,7 +25,7 @@ def main(
     lora_weights: str = "",
     load_8bit: bool = False,
     load_4bit: bool = False,
-    prompt_template: str = "alpaca",
+    prompt_template: str = "",
     server_name: str = "127.0.0.1",
     server_port: int = 7860,
     share_gradio: bool = False,
@@ -54,11 +54,11 @@ def main(
     """Serve base model + LoRA adapter in a Gradio demo, or answer --instruction / --input_file without a server.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: the embedded SmolLM2-135M-Instruct.
+        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: the base model alone.
         load_8bit: Load the base model in 8-bit (bitsandbytes; CUDA, or CPU slowly), as in the original.
         load_4bit: Load the base model in 4-bit NF4 (bitsandbytes): the least memory.
-        prompt_template: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path; use the adapter's.
+        prompt_template: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path; default: the adapter's (its training_args.json), else alpaca.
         server_name: Interface the demo listens on; 127.0.0.1 keeps it on this machine, 0.0.0.0 exposes it (add --auth).
         server_port: Port of the demo.
         share_gradio: Also open a public *.gradio.live link (goes through Gradio's servers; add --auth).
@@ -76,7 +76,7 @@ def main(
         stream: In the demo, stream answers token by token by default (the user can switch it off).
         batch_size: Instructions generated together in --input_file mode (left-padded batches).
         concurrency_limit: Answers the demo generates at the same time; further requests wait in the queue (the API answers 429 instead).
-        chat_template: How the Chat tab and the API render conversations: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the tokenizer's if it has one, else alpaca_chat. Use the adapter's (finetune.py --chat_template).
+        chat_template: How the Chat tab and the API render conversations: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the adapter's (finetune.py --chat_template; for an adapter trained on instruction records, its prompt template turn by turn), without an adapter the tokenizer's if it has one, else alpaca_chat.
         api: Also serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) on the same port, behind the same --auth (the password is the API key).
         api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
@@ -121,6 +121,7 @@ def main(
     from utils.api import ApiSettings
 
     warn_if_exposed(server_name, share_gradio, credentials)
+    base_model = generator.base_model
     title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
     api_settings = ApiSettings(model=Path(lora_weights or base_model or "SmolLM2-135M-Instruct").name, max_tokens=api_max_tokens,
                                max_input_tokens=api_max_input_tokens, concurrency=concurrency_limit) if api else None
@@ -189,7 +190,7 @@ def answer_records(generator, records: list[dict], settings, batch_size: int, ou
                     results[i] = {"error": str(err)}
             completions = generator.complete([prompts[i] for i in fitting], settings) if fitting else []
             for i, completion in zip(fitting, completions):
-                results[i] = {"response": first_answer(completion.text, generator.prompter.template["response_split"])[0]}
+                results[i] = {"response": first_answer(completion.text, generator.prompter)[0]}
             for record, result in zip(batch, results):
                 print(result["response"] if plain else json.dumps({**record, **result}, ensure_ascii=False), file=out, flush=True)
             if len(records) > 1:

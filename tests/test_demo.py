@@ -17,6 +17,7 @@ from gen_helpers import ARTIFACTS, REPO, answering, free_port, make_adapter, ser
 
 from utils import demo
 from utils.generation import Settings, load_generator
+from utils.prompts import Prompter
 
 DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=100)
 
@@ -93,9 +94,10 @@ def test_input_reaches_the_prompt(url, runs):
     assert "### Input:\nI like llamas." in run_of(runs, "Translate the sentence.")["prompt"]
 
 
-@pytest.mark.parametrize("header", ["### Response:", "### Explanation:"])
+@pytest.mark.parametrize("header", ["### Response:", "### Instruction:"])
 def test_answer_ends_where_the_model_starts_another_section(gen, url, header):
-    """A base model without an adapter rambles on in new sections; the demo shows the answer and stops there."""
+    """A base model without an adapter rambles on in new sections of the template; the demo shows the answer and
+    stops there."""
     rambling = f"Alpacas are gentle.\n\n{header}\nAlpacas are gentle.\n\n{header}\nAlpacas are gentle."
     with answering(gen.model, gen.tokenizer, lambda prompt: rambling) as runs:
         for stream in (True, False):
@@ -110,9 +112,27 @@ def test_answer_ends_where_the_model_starts_another_section(gen, url, header):
     ("Alpacas.\n### Response:", ("Alpacas.", True)),
     ("Alpacas.\n\n### Input:\nx", ("Alpacas.", True)),
     ("### Step 1: shear\nthe alpaca", ("### Step 1: shear\nthe alpaca", False)),  # a markdown heading stays
+    ("Steps:\n\n### Example:\nx = 1\n", ("Steps:\n\n### Example:\nx = 1\n", False)),  # not one of alpaca's sections
+    ("Alpacas.\n\n### Instruction:\nNow llamas.", ("Alpacas.", True)),
 ])
 def test_first_answer(text, expected):
-    assert demo.first_answer(text, "### Response:") == expected
+    assert demo.first_answer(text, Prompter("alpaca")) == expected
+
+
+def test_first_answer_cuts_at_the_templates_own_sections():
+    """vigogne's sections are French: its "### Réponse:" and "### Entrée:" end an answer, alpaca's "### Response:" does not."""
+    vigogne = Prompter("vigogne")
+    assert demo.first_answer("Oui.\n### Réponse:\nNon.", vigogne) == ("Oui.", True)
+    assert demo.first_answer("Oui.\n\n### Entrée:\nx", vigogne) == ("Oui.", True)
+    assert demo.first_answer("Oui.\n### Response:\nNo.", vigogne) == ("Oui.\n### Response:\nNo.", False)
+
+
+def test_a_heading_in_the_answer_does_not_end_it(gen, url):
+    """A model that writes its own Markdown section keeps the rest of its answer, streamed or not."""
+    answer = "Use a loop.\n\n### Example:\nfor i in range(3):\n    print(i)"
+    with answering(gen.model, gen.tokenizer, lambda prompt: answer):
+        for stream in (True, False):
+            assert client(url).predict(*ask("Show a loop.", stream=stream), api_name="/generate") == answer
 
 
 def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):

@@ -70,6 +70,55 @@ def test_hf_checkpoint_matches_base_plus_adapter(tmp_path, tiny_model, adapters)
     assert AutoTokenizer.from_pretrained(out)(TEXTS[1]).input_ids == AutoTokenizer.from_pretrained(tiny_model)(TEXTS[1]).input_ids
 
 
+# --- which base an adapter is merged onto ---------------------------------------------------------------------------
+
+def merged_logits(tmp_path, adapter: Path, base_model: str = "") -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    from export_hf_checkpoint import export
+
+    out = tmp_path / "merged"
+    export(base_model=base_model, lora_weights=str(adapter), output_dir=str(out), dtype="float32")
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(out)(token_ids(out)).logits
+
+
+def moved_adapter(adapter: Path, folder: Path) -> Path:
+    """A copy of the adapter whose adapter_config.json names a base that is not on this machine."""
+    import shutil
+
+    copy = Path(shutil.copytree(adapter, folder))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/elsewhere/llama-7b"}))
+    return copy
+
+
+def test_without_base_model_the_adapter_is_merged_onto_its_own_base(tmp_path, tiny_gqa_model, adapters, monkeypatch):
+    """No --base_model and no $BASE_MODEL: the base the adapter names (PEFT's adapter_config.json), not the embedded one."""
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    adapter = adapters[tiny_gqa_model]
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_gqa_model)
+    got = merged_logits(tmp_path, adapter)
+    assert max_diff(got, peft_logits(tiny_gqa_model, adapter, token_ids(tiny_gqa_model))) < EXACT
+
+
+def test_base_model_environment_variable_is_honoured(tmp_path, tiny_gqa_model, adapters, monkeypatch):
+    """The original's `BASE_MODEL=... python export_hf_checkpoint.py`, for an adapter whose own base is elsewhere."""
+    adapter = moved_adapter(adapters[tiny_gqa_model], tmp_path / "moved")
+    monkeypatch.setenv("BASE_MODEL", str(tiny_gqa_model))
+    got = merged_logits(tmp_path, adapter)
+    assert max_diff(got, peft_logits(tiny_gqa_model, adapter, token_ids(tiny_gqa_model))) < EXACT
+
+
+def test_base_model_flag_beats_the_environment(tmp_path, tiny_model, tiny_gqa_model, adapters, monkeypatch):
+    monkeypatch.setenv("BASE_MODEL", str(tiny_model))  # 4 KV heads: the GQA adapter does not fit it
+    adapter = adapters[tiny_gqa_model]
+    got = merged_logits(tmp_path, adapter, base_model=str(tiny_gqa_model))
+    assert max_diff(got, peft_logits(tiny_gqa_model, adapter, token_ids(tiny_gqa_model))) < EXACT
+    monkeypatch.delenv("BASE_MODEL")
+    assert "trained for another base model" in fails(merged_logits, tmp_path / "other", adapter, base_model=str(tiny_model))
+
+
 # --- Meta's consolidated layout -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_shards", [1, 2])

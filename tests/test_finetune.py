@@ -107,6 +107,19 @@ def test_adapter_dir_warm_starts_a_new_run(trained, tiny_model, alpaca_file, tmp
     assert logged(out / "checkpoint-1", "loss")[0][0] == 1
 
 
+def test_base_model_comes_from_the_environment_then_the_adapter_resumed_from(trained, tiny_model, tiny_gqa_model,
+                                                                            alpaca_file, tmp_path, monkeypatch):
+    """No --base_model: $BASE_MODEL (the original's), else the base of the adapter warm-started from; the run records
+    the base it used, so that generate.py and the exports find it again."""
+    monkeypatch.setenv("BASE_MODEL", str(tiny_gqa_model))
+    out = run_train("", alpaca_file, tmp_path / "env", max_steps=1, val_set_size=0)
+    assert json.loads((out / "training_args.json").read_text())["base_model"] == str(tiny_gqa_model)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_gqa_model)
+    monkeypatch.delenv("BASE_MODEL")
+    out = run_train("", alpaca_file, tmp_path / "warm", max_steps=1, val_set_size=0, resume_from_checkpoint=str(trained))
+    assert json.loads((out / "training_args.json").read_text())["base_model"] == str(tiny_model)
+
+
 def test_bf16_on_cpu_keeps_lora_optimizer_and_loss_in_fp32(tiny_model, alpaca_file, tmp_path, monkeypatch):
     """--bf16 True on CPU: the frozen base computes in bf16 with no autocast; --bf16 False: everything fp32."""
     import finetune as ft

@@ -88,16 +88,53 @@ def test_the_renderer_can_fail():
         render_go("{{ .Prompt }}", CONVERSATION)
 
 
-def test_a_checkpoint_is_exported_in_its_runs_template(tiny_model, tmp_path):
-    """A checkpoint-N holds no training_args.json: the run's, beside it, says which template it was trained in (not the
-    tokenizer's own, the default for an adapter nothing is known about)."""
+def adapter_record(folder, **training_args):
+    """An adapter folder's training_args.json as finetune.py writes it (the Modelfile reads nothing else of it)."""
     import json
 
-    from utils.ollama import adapter_chat_template
+    folder.mkdir(parents=True)
+    (folder / "training_args.json").write_text(json.dumps(training_args))
+    return folder
 
-    run = tmp_path / "lora-alpaca"
-    (run / "checkpoint-2").mkdir(parents=True)
-    (run / "training_args.json").write_text(json.dumps({"prompt_template_name": "alpaca", "chat_template": ""}))
-    tokenizer = load_tokenizer(str(tiny_model))
-    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}{% endfor %}"
-    assert adapter_chat_template(str(run / "checkpoint-2"), tokenizer).name == "alpaca_chat"
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer(tmp_path_factory):
+    """A tokenizer with a chat template and a system prompt of its own, as the embedded SmolLM2's."""
+    return load_tokenizer(str(make_family_model(tmp_path_factory.mktemp("qwen2"), "qwen2")))
+
+
+def served_prompt(tmp_path, adapter, tokenizer, message: str) -> str:
+    """What Ollama sends the model for one user message: the Modelfile's TEMPLATE over SYSTEM and the message."""
+    from utils.ollama import write_modelfile
+
+    fields = parse(write_modelfile(tmp_path / "model.gguf", str(adapter), tokenizer).read_text())
+    system = [{"role": "system", "content": fields["SYSTEM"]}] if "SYSTEM" in fields else []
+    return render_go(fields["TEMPLATE"], system + [{"role": "user", "content": message}])
+
+
+@pytest.mark.parametrize("template", ["alpaca", "vigogne", "alpaca_short", "alpaca_legacy"])
+@pytest.mark.parametrize("where", [".", "checkpoint-200"])
+def test_an_instruction_adapter_is_served_in_its_training_prompt(tmp_path, qwen_tokenizer, template, where):
+    """Every instruction template (not only alpaca, which has a shipped alpaca_chat), and for a checkpoint inside the
+    run too (its training_args.json is the run's)."""
+    from tiny import ALPACA
+    from utils.prompts import Prompter
+
+    run = adapter_record(tmp_path / "run", data_path=str(ALPACA), prompt_template_name=template, chat_template="")
+    adapter = run / where
+    adapter.mkdir(exist_ok=True)
+    message = "Name three colours."
+    assert served_prompt(tmp_path, adapter, qwen_tokenizer, message) == Prompter(template).generate_prompt(message)
+
+
+def test_a_conversation_adapter_trained_in_the_tokenizers_template_keeps_it(tmp_path, qwen_tokenizer):
+    """Conversations trained with finetune.py's default chat template (the tokenizer's) record chat_template "":
+    the Modelfile renders the tokenizer's template, not an instruction template's."""
+    from tiny import REPO
+
+    data = REPO / "data" / "fastchat_dummy_conversation.json"
+    adapter = adapter_record(tmp_path / "chat", data_path=str(data), prompt_template_name="alpaca", chat_template="")
+    message = "Name three colours."
+    expected = load_chat_template("tokenizer", qwen_tokenizer).render([{"role": "user", "content": message}],
+                                                                       add_generation_prompt=True)
+    assert served_prompt(tmp_path, adapter, qwen_tokenizer, message) == expected

@@ -6,10 +6,11 @@ that list as the exact text the model sees: for training, together with the char
 Training data, the demo's chat tab and the OpenAI-compatible API all go through the same functions here.
 """
 
+from pathlib import Path
 from typing import Optional
 
 from utils.cli import UserError
-from utils.prompts import read_template
+from utils.prompts import Prompter, adapter_prompt_template, read_template
 
 DEFAULT_CHAT_TEMPLATE = "alpaca_chat"  # for tokenizers that bring no chat template of their own
 # Record shapes: the key holding the turns -> (the role key, the text key, accepted role names -> our roles).
@@ -165,6 +166,63 @@ class FileChatTemplate(ChatTemplate):
         if add_generation_prompt:  # the assistant format up to its content: what the model continues from
             parts.append(self.template["assistant"].split("{content}", 1)[0].format(eos_token=self.eos_token))
         return "".join(parts)
+
+
+class InstructionChatTemplate(FileChatTemplate):
+    """An instruction template (alpaca, vigogne, ...) continued turn by turn: how an adapter trained on its records is
+    talked to. The preamble is the default system prompt; the first exchange renders exactly as its prompt_no_input."""
+
+    def __init__(self, prompter: Prompter, eos_token: str):
+        own = all(key in prompter.template for key in self.KEYS)  # alpaca_chat carries its turns itself
+        self.template = prompter.template if own else {**prompter.template, **instruction_turns(prompter.template)}
+        self.name = prompter.name
+        self.eos_token = eos_token
+
+
+def instruction_turns(template: dict) -> dict:
+    """The system/user/assistant formats of an instruction template: its prompt_no_input split at {instruction} and
+    at the response marker (alpaca gives alpaca_chat's). Each answer ends with EOS, as training ends it."""
+    head, _, tail = template["prompt_no_input"].partition("{instruction}")
+    preamble, _, user = head.rpartition("\n\n")
+    between, marker, after = tail.partition(template["response_split"])
+    turns = {"system": "{content}\n\n", "user": user + "{content}" + between,
+             "assistant": marker + after + "{content}{eos_token}\n\n"}
+    if preamble:
+        turns["default_system"] = preamble.replace("{{", "{").replace("}}", "}")  # a content, not a format string
+    return turns
+
+
+def trained_chat_template(chat_template: str, lora_weights: Optional[str], tokenizer,
+                          prompter: Optional[Prompter] = None) -> ChatTemplate:
+    """How conversations with base + adapter are rendered (the Chat tab, the API, Ollama's Modelfile): --chat_template
+    when given, else the adapter's own (finetune.py --chat_template); for an adapter trained on instruction records,
+    its prompt template (`prompter`, default: the adapter's) continued turn by turn, so that a conversation's first
+    exchange is the very prompt it was trained on, with no system prompt of the tokenizer's; with no adapter, or one
+    trained on conversations with finetune.py's default, load_chat_template's default."""
+    from utils.models import run_arguments
+
+    if chat_template or not lora_weights:
+        return load_chat_template(chat_template, tokenizer)
+    run = run_arguments(lora_weights)
+    if run.get("chat_template") or trained_on_conversations(run):
+        return load_chat_template(run.get("chat_template") or "", tokenizer)
+    prompter = prompter or Prompter(adapter_prompt_template("", lora_weights))
+    return InstructionChatTemplate(prompter, tokenizer.eos_token)
+
+
+def trained_on_conversations(run: dict) -> bool:
+    """Whether a run's data (a local file) held conversations; a Hub data set, not at hand, counts as instructions."""
+    from utils.data import parse_column_map, read_json_records, rename
+
+    path = Path(str(run.get("data_path") or "")).expanduser()
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return False
+    try:
+        records = read_json_records(path)
+        column_map = parse_column_map(run.get("column_map"))
+    except UserError:  # the file has changed since it was trained on: no worse than not knowing
+        return False
+    return isinstance(records, list) and bool(records) and record_shape(rename(records[0], column_map)) is not None
 
 
 def load_chat_template(name: str, tokenizer) -> ChatTemplate:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from utils.cli import UserError
+from utils.prompts import Prompter
 
 # What beam search costs, next to its slider (benchmarks/bench_generate.py: 4 beams, 128 tokens, 6.5 s against 2.5 s
 # streamed, whose first words appear after 0.13 s).
@@ -64,10 +65,9 @@ def make_answer_fn(generator, stops: SessionStops):
                max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
         if not (instruction or "").strip():
             raise gr.Error("Type an instruction first.", print_exception=False)
-        marker = generator.prompter.template["response_split"]
         yield from answer_for(generator, stops, request, lambda: generator.render(instruction, input),
                               Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
-                              cut=lambda text: first_answer(text, marker))
+                              cut=lambda text: first_answer(text, generator.prompter))
 
     return answer
 
@@ -98,13 +98,15 @@ def answer_for(generator, stops: SessionStops, request, render, settings, stream
         raise gr.Error(f"Generation failed: {err}", print_exception=False) from None
 
 
-def first_answer(text: str, marker: str) -> tuple[str, bool]:
-    """The text before the model starts another section, and whether it did.
+def first_answer(text: str, prompter: Prompter) -> tuple[str, bool]:
+    """The text before the model starts another section of the prompt template, and whether it did.
 
-    A base model without an adapter rambles on past its answer with "### Response:", "### Explanation:" ...
-    sections; the original demo cut its answers at the next response marker, and this also cuts at any line that
-    is a "### Title:" header of that kind."""
-    found = re.search(rf"{re.escape(marker)}|^### [^\n]{{1,40}}:[ \t]*\n", text, re.M)
+    A base model without an adapter rambles on past its answer with a new "### Response:" or "### Instruction:";
+    the original demo cut its answers at the response marker, and this also cuts at a line that starts with another
+    of the template's own headings. Any other heading ("### Example:") is part of the answer."""
+    response, *headings = prompter.section_markers()
+    pattern = "|".join([re.escape(response), *(rf"^[ \t]*{re.escape(h)}" for h in headings)])
+    found = re.search(pattern, text, re.M)
     return (text[:found.start()].strip(), True) if found else (text.lstrip(), False)
 
 

@@ -181,15 +181,17 @@ def check_lora_weights(lora_weights: Optional[str]) -> Optional[str]:
 
 
 def check_inputs(base_model: str, lora_weights: Optional[str]):
-    """(base model path, adapter or None, base config) for an export, every mistake found before weights load."""
-    from utils.models import check_adapter_fits, resolve_base_model
+    """(the base model's name, its path, adapter or None, base config) for an export, every mistake found before
+    weights load. The base is models.choose_base_model's: --base_model, $BASE_MODEL, then the adapter's own."""
+    from utils.models import check_adapter_fits, choose_base_model, resolve_base_model
 
     adapter = check_lora_weights(lora_weights)
+    base_model = choose_base_model(base_model, adapter)
     base_path = resolve_base_model(base_model)
     config = load_config(base_path)
     if adapter:
         check_adapter_fits(base_path, adapter)
-    return base_path, adapter, config
+    return base_model, base_path, adapter, config
 
 
 def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype):

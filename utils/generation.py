@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from utils.cli import UserError
-from utils.prompts import Prompter, read_template
+from utils.prompts import Prompter, adapter_prompt_template, read_template
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class Generator:
         self.tokenizer.padding_side = "left"  # batched generation appends new tokens on the right of every row
         self.prompter = prompter
         self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
+        self.base_model = ""  # the base's name as chosen (models.choose_base_model), "" for the embedded model
 
     def compile(self) -> None:
         """Compile the one-token decoding step of one sequence (what streaming, the API and --instruction run) and
@@ -291,27 +292,30 @@ def compile_decoding(asked: Optional[bool], default: bool) -> bool:
 
 
 def load_generator(base_model: str = "", lora_weights: str = "", quantization: str = "none", device: str = "auto",
-                   prompt_template: str = "alpaca", chat_template: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                   prompt_template: str = "", chat_template: Optional[str] = "", dtype: Optional[torch.dtype] = None,
                    compile: bool = False) -> Generator:
     """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first.
 
-    With `chat_template` (a name, "tokenizer" or "" for the default), `generator.chat` renders conversations.
-    `dtype`: the unquantized weights' dtype (default: full precision on CPU, models.pick_dtype on GPUs); `compile`: Generator.compile."""
+    What is left empty is what the adapter was trained with: the base (models.choose_base_model), the prompt template
+    (else alpaca) and the chat template (chat.trained_chat_template) with which `generator.chat` renders
+    conversations; `chat_template` None: no chat. `dtype`: the unquantized weights' dtype (default: full precision on
+    CPU, models.pick_dtype on GPUs); `compile`: Generator.compile."""
     from utils import models
-    from utils.chat import load_chat_template
+    from utils.chat import trained_chat_template
 
-    prompter = Prompter(prompt_template or "alpaca")
     if chat_template not in (None, "", "tokenizer"):
         read_template(chat_template, "chat template")  # a typo fails now, not after the model has loaded
     if lora_weights:
         models.check_adapter_dir(lora_weights)  # before the slow part: a typo fails in a second
+    prompter = Prompter(adapter_prompt_template(prompt_template, lora_weights))
+    base_model = models.choose_base_model(base_model, lora_weights)
     device = models.pick_device(device)
     quantization = models.pick_quantization(quantization, device)
     path = models.resolve_base_model(base_model)
     if lora_weights:
         models.check_adapter_fits(path, lora_weights)
     tokenizer = models.load_tokenizer(path)
-    chat = load_chat_template(chat_template, tokenizer) if chat_template is not None else None
+    chat = trained_chat_template(chat_template, lora_weights, tokenizer, prompter) if chat_template is not None else None
     dtype = dtype or models.load_dtype(device)
     print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
@@ -324,6 +328,7 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
             raise UserError(f"could not load adapter '{lora_weights}': {str(err).splitlines()[0]}") from None
     generator = Generator(model, tokenizer, prompter)
     generator.chat = chat
+    generator.base_model = base_model
     if compile:
         print("Compiling the decoding step (once, at start)", file=sys.stderr, flush=True)
         generator.compile()

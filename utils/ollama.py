@@ -9,26 +9,12 @@ turn-by-turn template is (training already requires that, to find the assistant 
 from pathlib import Path
 from typing import Optional
 
-from utils.chat import ChatTemplate, load_chat_template
+from utils.chat import ChatTemplate, trained_chat_template
 from utils.cli import log
-from utils.prompts import TEMPLATES_DIR
 
 MARK = {"system": "\x00SYSTEM\x00", "user": "\x00USER\x00", "assistant": "\x00ASSISTANT\x00"}
 CHECK = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am an alpaca."},
          {"role": "user", "content": "Where do you live?"}]
-
-
-def adapter_chat_template(lora_weights: Optional[str], tokenizer) -> ChatTemplate:
-    """The template conversations were trained in: the adapter's --chat_template; for an adapter trained on
-    instructions, the chat form of its prompt template (alpaca -> alpaca_chat); the tokenizer's own otherwise."""
-    from utils.training import run_arguments
-
-    args = run_arguments(lora_weights) if lora_weights else {}
-    name = args.get("chat_template") or ""
-    if not name and args:
-        chat_form = f"{args.get('prompt_template_name', 'alpaca')}_chat"
-        name = chat_form if (TEMPLATES_DIR / f"{chat_form}.json").is_file() else ""
-    return load_chat_template(name, tokenizer)
 
 
 def turn_formats(chat: ChatTemplate) -> dict[str, tuple[str, str]]:
@@ -86,7 +72,7 @@ def modelfile(gguf_name: str, chat: ChatTemplate, eos_token: str) -> Optional[st
 
 def write_modelfile(gguf: Path, lora_weights: Optional[str], tokenizer) -> Optional[Path]:
     """NAME.Modelfile beside NAME.gguf (one per file: exports of several types can share a folder)."""
-    text = modelfile(gguf.name, adapter_chat_template(lora_weights, tokenizer), tokenizer.eos_token)
+    text = modelfile(gguf.name, trained_chat_template("", lora_weights, tokenizer), tokenizer.eos_token)
     if text:
         gguf.with_suffix(".Modelfile").write_text(text)
         return gguf.with_suffix(".Modelfile")

@@ -1,6 +1,7 @@
 """Prompt templates (templates/*.json): render prompts and cut the response out of model output."""
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -8,6 +9,13 @@ from utils.cli import UserError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+
+
+def adapter_prompt_template(prompt_template: str, lora_weights: Optional[str]) -> str:
+    """--prompt_template when given, else the one the adapter was trained with (its training_args.json), else alpaca."""
+    from utils.models import run_arguments
+
+    return prompt_template or (run_arguments(lora_weights) if lora_weights else {}).get("prompt_template_name") or "alpaca"
 
 
 def available_templates() -> list[str]:
@@ -49,6 +57,14 @@ class Prompter:
         if label:
             prompt = f"{prompt}{label}"
         return prompt
+
+    def section_markers(self) -> list[str]:
+        """Where the model would start another section of this template: the response marker, then the heading each
+        field follows ("### Instruction:", "### Input:" for alpaca): the line before its placeholder, or the text
+        before it on its own line."""
+        pieces = re.split(r"\{(?:instruction|input)\}", self.template["prompt_input"] + self.template["prompt_no_input"])
+        headings = [before.rstrip("\n").rsplit("\n", 1)[-1].strip() for before in pieces[:-1]]
+        return list(dict.fromkeys([self.template["response_split"], *filter(None, headings)]))
 
     def get_response(self, output: str) -> str:
         """The text after the template's response marker (the model's answer alone)."""

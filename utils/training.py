@@ -15,15 +15,6 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 FSDP_WEIGHTS = "pytorch_model_fsdp_0"  # what the Trainer's FSDP checkpoints hold instead: the sharded weights
 
 
-def run_arguments(lora_weights: str) -> dict:
-    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
-    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
-        path = folder / "training_args.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-    return {}
-
-
 def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Gradient accumulation steps per process; the global batch must split evenly over micro-batches and ranks."""
     if micro_batch_size < 1 or batch_size < 1:
