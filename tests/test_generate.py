@@ -254,7 +254,7 @@ def held_out_perplexity(gen, records, stepwise: bool = False) -> float:
                 total -= torch.log_softmax(out.logits[0, -1].float(), -1)[labels[i]].item()
                 count += 1
                 if i + 1 < len(labels):
-                    out = gen.model(input_ids=ids[:, i:i + 1], past_key_values=out.past_key_values, use_cache=True)
+                    out = gen.model(input_ids=ids[:, i:i + 1], cache=out.cache, use_cache=True)
     return math.exp(total / count)
 
 
