@@ -122,7 +122,7 @@ def train(
     report_to = reporting(wandb_project, wandb_watch, wandb_log_model, tensorboard)
     device = models.pick_device("auto")
     quantization = models.pick_quantization(quantization, device)
-    dtype = models.pick_dtype(device, bf16)
+    dtype = models.pick_dtype(device, bf16, training=True)
     records = load_records(data_path, column_map)
     val_size = resolve_val_set_size(val_set_size, len(records))
 
@@ -270,7 +270,7 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
 
     # Autocast on GPUs (the weights' dtype, models.pick_dtype); a CPU computes in the dtype the base was loaded in,
     # with no autocast re-casting weights every step (PEFT keeps the LoRA layers in fp32 and casts their input).
-    bf16 = device != "cpu" and models.pick_dtype(device, bf16) == torch.bfloat16
+    bf16 = device != "cpu" and models.pick_dtype(device, bf16, training=True) == torch.bfloat16
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=micro_batch_size,

@@ -186,7 +186,7 @@ def run_recipe(spec: dict) -> dict:
         quantization = spec.get("quantization", "none")
         per_record = spec["packing"] and packing.supports(models.read_config(base))  # as finetune.py chooses
         attention = spec.get("attention", packing.NAME if per_record else None)
-        model = models.load_model(base, quantization, device, dtype=models.pick_dtype(device, spec.get("bf16")),
+        model = models.load_model(base, quantization, device, dtype=models.pick_dtype(device, spec.get("bf16"), training=True),
                                   attn_implementation=attention)
         model = finetune.wrap_lora(model, quantization, None, spec.get("gradient_checkpointing", False),
                                    r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])

@@ -14,6 +14,7 @@ from tiny import REPO
 from utils.cli import UserError
 
 QUICK = dict(batch_size=8, micro_batch_size=4, cutoff_len=128, val_set_size=8, logging_steps=1, save_steps=4, warmup_steps=0)
+LEARNING = dict(max_steps=12, learning_rate=1e-2, lora_target_modules="q_proj,k_proj,v_proj,o_proj")  # a run that learns
 
 
 def run_train(tiny_model, data, out, **overrides):
@@ -34,7 +35,7 @@ def trained(tiny_model, tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "alpaca.json"
     data.write_text(json.dumps(json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:40]))
     out = tmp_path_factory.mktemp("run") / "lora"
-    run_train(tiny_model, data, out, max_steps=12, learning_rate=1e-2, lora_target_modules="q_proj,k_proj,v_proj,o_proj")
+    run_train(tiny_model, data, out, **LEARNING)
     return out
 
 
@@ -120,6 +121,74 @@ def test_base_model_comes_from_the_environment_then_the_adapter_resumed_from(tra
     assert json.loads((out / "training_args.json").read_text())["base_model"] == str(tiny_model)
 
 
+def train_watching_lora(tiny_model, data, out, monkeypatch, **flags) -> tuple[dict, dict]:
+    """run_train with LEARNING and `flags`; returns every LoRA tensor's value before and after training."""
+    import finetune as ft
+
+    before, trainers = {}, []
+
+    def build(model, *args, **kwargs):
+        before.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+        trainers.append(ft_build(model, *args, **kwargs))
+        return trainers[-1]
+
+    ft_build = ft.build_trainer
+    monkeypatch.setattr(ft, "build_trainer", build)
+    run_train(tiny_model, data, out, **LEARNING, **flags)
+    after = {n: p.detach() for n, p in trainers[0].model.named_parameters() if "lora_" in n}
+    return before, after
+
+
+def assert_every_lora_tensor_moved(before, after):
+    """q/k/v/o in both layers, A and B: a layer the gradient never reaches keeps its initial A and its zero B."""
+    assert len(before) == 2 * 4 * 2 and before.keys() == after.keys(), sorted(before)
+    unmoved = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unmoved, f"never trained: {unmoved}"
+
+
+def test_gradient_checkpointing_on_an_unquantized_base_trains_every_layer(trained, tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """The CPU default (no quantization, so no prepare_model_for_kbit_training) with --gradient_checkpointing True.
+    Reentrant checkpointing would pass no gradient into a checkpointed layer whose input does not require one (the
+    embeddings are frozen): its LoRA weights would stay put. Recomputing is the same arithmetic (dropout's RNG state
+    is replayed), so each step's loss equals the plain run's up to float rounding: 1e-4 relative."""
+    import transformers.modeling_utils
+
+    checkpointed = []
+    real = transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        lambda *a, **k: checkpointed.append(k.get("use_reentrant")) or real(*a, **k))
+    out = tmp_path / "checkpointed"
+    before, after = train_watching_lora(tiny_model, alpaca_file, out, monkeypatch, gradient_checkpointing=True)
+    assert checkpointed and set(checkpointed) == {False}  # both layers recomputed, the non-reentrant way
+    assert_every_lora_tensor_moved(before, after)
+    expected = [loss for _, loss in logged(trained / "checkpoint-12", "loss")]
+    assert [loss for _, loss in logged(out / "checkpoint-12", "loss")] == pytest.approx(expected, rel=1e-4)
+
+
+def test_group_by_length_trains_every_layer_as_well_as_random_batches(trained, tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """Batches of similar length are other batches: the step losses differ, so the held-out loss at the end is what
+    is compared. Over 12 steps at this learning rate it falls by more than 0.1 (test_training_lowers_the_loss); the
+    order of the same records moves it by far less: within 3% of the random order's."""
+    out = tmp_path / "grouped"
+    before, after = train_watching_lora(tiny_model, alpaca_file, out, monkeypatch, group_by_length=True)
+    assert_every_lora_tensor_moved(before, after)
+    expected = [loss for _, loss in logged(trained / "checkpoint-12", "eval_loss")]
+    evals = [loss for _, loss in logged(out / "checkpoint-12", "eval_loss")]
+    assert evals[0] == pytest.approx(expected[0], rel=1e-6)  # the same base and held-out records
+    assert evals[-1] == pytest.approx(expected[-1], rel=0.03), (evals, expected)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_every_layer_to_the_same_losses(trained, tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """--torch_compile True (≈ 45 s compiling on a CPU). The compiled graph fuses and reorders float operations
+    but computes the same model on the same batches: each step's loss within 1e-3 relative of the eager run's."""
+    out = tmp_path / "compiled"
+    before, after = train_watching_lora(tiny_model, alpaca_file, out, monkeypatch, torch_compile=True)
+    assert_every_lora_tensor_moved(before, after)
+    expected = [loss for _, loss in logged(trained / "checkpoint-12", "loss")]
+    assert [loss for _, loss in logged(out / "checkpoint-12", "loss")] == pytest.approx(expected, rel=1e-3)
+
+
 def test_bf16_on_cpu_keeps_lora_optimizer_and_loss_in_fp32(tiny_model, alpaca_file, tmp_path, monkeypatch):
     """--bf16 True on CPU: the frozen base computes in bf16 with no autocast; --bf16 False: everything fp32."""
     import finetune as ft
@@ -163,6 +232,23 @@ def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert (models.pick_dtype("cuda"), models.pick_dtype("cuda", bf16=False)) == (torch.bfloat16, torch.float16)
     assert models.pick_dtype("cpu", bf16=True) == torch.bfloat16  # on CPU: the frozen base computes in bf16
+
+
+def test_training_on_apple_mps_computes_in_fp32(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """On a Mac the default device is MPS. The Trainer is given neither fp16 nor bf16 there (no autocast, no loss
+    scaling), so the base itself must be fp32: in fp16 the gradients through it underflow to zero."""
+    import finetune as ft
+    from utils import models
+
+    monkeypatch.setattr(models, "pick_device", lambda device="auto": "mps")  # device detection finds MPS
+    loaded, built, load, build = [], [], models.load_model, ft.build_trainer
+    monkeypatch.setattr(models, "load_model", lambda base, quantization, device, **k: loaded.append((device, k["dtype"]))
+                        or load(base, quantization, "cpu", **k))  # there is no MPS here: the weights go to the CPU
+    monkeypatch.setattr(ft, "build_trainer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    run_train(tiny_model, alpaca_file, tmp_path / "mps", max_steps=1, val_set_size=0)
+    assert loaded == [("mps", torch.float32)]
+    assert (built[0].args.fp16, built[0].args.bf16) == (False, False)
+    assert models.pick_dtype("mps") == torch.float16  # answering needs no gradients: fp16 stays the demo's choice
 
 
 def test_8bit_and_4bit_train_on_cpu(tiny_model, alpaca_file, tmp_path, capsys):

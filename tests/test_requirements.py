@@ -1,5 +1,6 @@
 """Every dependency is pinned to a tested range: the original broke when an unpinned Gradio moved on (gr.inputs)."""
 
+import re
 from importlib.metadata import PackageNotFoundError, version
 
 import pytest
@@ -30,3 +31,21 @@ def test_installed_versions_are_inside_the_ranges(name):
             pytest.fail(f"{req.name} from {name} is not installed: pip install -r {name}")
         assert req.specifier.contains(installed, prereleases=True), f"{req.name} {installed} is outside {req.specifier}"
 
+
+
+def cmake_args(text: str) -> list[str]:
+    """The llama.cpp build flags a shell text sets (continued lines joined)."""
+    found = re.search(r'CMAKE_ARGS="([^"]*)"', text.replace("\\\n", " "))
+    assert found, "no CMAKE_ARGS"
+    return found[1].split()
+
+
+def test_the_readme_test_command_builds_llama_cpp_as_ci_does():
+    """Without .ci/run's CMAKE_ARGS, pip's default llama.cpp build takes twice as long and crashes on AMX Xeons."""
+    readme = (REPO / "README.md").read_text().split("One command runs the test suite", 1)[1]
+    command = re.search(r"```bash\n(.*?)\n```", readme, re.S)[1]
+    assert re.match(r'CMAKE_ARGS="[^"]*" pip install -r requirements-dev.txt && ', command), command
+    assert command.endswith("&& python -m pytest -q"), command
+    ci = (REPO / ".ci" / "run").read_text()
+    assert cmake_args(command) == cmake_args(ci)
+    assert "-DGGML_NATIVE=OFF" in cmake_args(ci)

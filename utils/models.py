@@ -196,11 +196,15 @@ def cpu_has_bf16() -> bool:
     return (" avx512_bf16" in flags or " amx_bf16" in flags) and isa_allows and aten_allows
 
 
-def pick_dtype(device: str, bf16: Optional[bool] = None) -> torch.dtype:
+def pick_dtype(device: str, bf16: Optional[bool] = None, training: bool = False) -> torch.dtype:
     """The dtype the frozen base computes in, for training and answering: bf16 where the hardware computes it
     natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX: 3.5-4.5x fp32's matmuls on an EPYC), else fp16
     on GPUs and MPS, fp32 on CPUs. --bf16 True/False forces bf16 or the alternative (fp16 with loss scaling on a
-    GPU, fp32 on a CPU). LoRA weights, optimizer state and the loss stay fp32 whatever this picks."""
+    GPU, fp32 on a CPU). LoRA weights, optimizer state and the loss stay fp32 whatever this picks.
+    `training` on MPS: fp32. An fp16 base with no loss scaling (the Trainer's fp16 is asked for on CUDA only) lets
+    small gradients underflow to zero."""
+    if device == "mps" and training:
+        return torch.float32
     if device.startswith("cuda"):
         if bf16 and not torch.cuda.is_bf16_supported():
             raise UserError("--bf16: this GPU has no bf16 (it predates Ampere); leave --bf16 unset for fp16 with loss scaling")
