@@ -295,7 +295,7 @@ def test_evaluate_scores_and_asks_a_chat_adapter_in_its_chat_template(chat_model
     from utils.data import load_records, split_records, tokenize_records
     from utils.generation import Generator
     from utils.models import load_tokenizer
-    from utils.ollama import adapter_chat_template
+    from utils.chat import trained_chat_template
 
     data = tmp_path / "chat.json"
     data.write_text(json.dumps(json.loads((REPO / "data" / "fastchat_dummy_conversation.json").read_text())[:40]))
@@ -304,7 +304,7 @@ def test_evaluate_scores_and_asks_a_chat_adapter_in_its_chat_template(chat_model
     args = json.loads((out / "training_args.json").read_text())
     assert (args["chat_template"], args["train_on_inputs"], args["val_set_size"]) == ("tokenizer", False, 8)
     tokenizer = load_tokenizer(str(chat_model))
-    assert adapter_chat_template(str(out), tokenizer).name == "tokenizer"  # the Ollama export's template too
+    assert trained_chat_template("", str(out), tokenizer).name == "tokenizer"  # the Ollama export's template too
 
     asked = []
     complete = Generator.complete
