@@ -134,6 +134,8 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
     chat = chat or load_chat_template("", generator.tokenizer)
     stops = SessionStops()
     engine = Engine(generator, max_running=concurrency_limit, max_waiting=max_queue)
+    if generator.compiled:
+        engine.warm_up()
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
         gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions and chats, answers stream as they are written.")
         with gr.Tab("Instruction"):

@@ -88,6 +88,7 @@ class Generator:
         self.tokenizer.padding_side = "left"  # batched generation appends new tokens on the right of every row
         self.prompter = prompter
         self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
+        self.compiled = False  # whether compile() made the one-sequence decoding step a compiled graph
 
     def compile(self) -> None:
         """Compile the one-token decoding step of one sequence (what streaming, the API and --instruction run) and
@@ -117,6 +118,7 @@ class Generator:
             return (compiled if one_token else eager)(*args, **kwargs)
 
         model.forward = forward
+        self.compiled = True
         self.complete([self.render("Hi.")], Settings(temperature=0, num_beams=1, max_new_tokens=3))
 
     @property

@@ -198,6 +198,15 @@ class Engine:
             self.lock.notify()
         return future.result()
 
+    def warm_up(self) -> None:
+        """Run what serving runs (a lone row, rows joining and leaving) once, so that a compiled decoding step is
+        compiled for the engine's calls now rather than at a user's request."""
+        settings = Settings(temperature=0, num_beams=1, max_new_tokens=4)
+        short = self.stream(self.generator.render("Hi."), dataclasses.replace(settings, max_new_tokens=2))
+        long = self.stream(self.generator.render("Tell me about alpacas, please."), settings)
+        "".join(short), "".join(long)
+        "".join(self.stream(self.generator.render("Hi."), settings))
+
     def _check_room(self) -> None:
         if len(self.waiting) + len(self.tasks) >= self.max_waiting:
             raise QueueFull(f"the server is busy: {self.max_running} answers are being generated and "
@@ -359,5 +368,6 @@ def trim(cache, mask: torch.Tensor) -> torch.Tensor:
     """Drop the leading cache columns that are padding in every remaining row; returns the mask without them."""
     unused = int((mask.sum(dim=0) == 0).cumprod(dim=0).sum())
     for layer in cache.layers if unused else ():
-        layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        # contiguous: a compiled step (Generator.compile) would compile again for a strided view
+        layer.keys, layer.values = layer.keys[:, :, unused:].contiguous(), layer.values[:, :, unused:].contiguous()
     return mask[:, unused:]
