@@ -83,7 +83,7 @@ def main(
         api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
         bf16: bf16 weights (half the bytes to read per token); default: where the hardware computes bf16 natively (GPUs since Ampere, CPUs with AVX512-BF16 or AMX), else fp32 on CPU, fp16 on GPUs. False: fp32 on CPU, fp16 on GPUs.
-        compile: Compile the decoding step (torch.compile, warmed up at start: about a minute on 2 CPU cores) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU; default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
+        compile: Compile the decoding step (torch.compile, warmed up at start: about a minute on 2 CPU cores) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
         threads: CPU threads computing the model; 0: the physical cores, less one for the demo (streaming needs a core of its own).
     """
     from utils.checks import check_values

@@ -288,11 +288,16 @@ def test_api_flag_reaches_the_app(tiny_model, monkeypatch):
                   compile=False)
     routes = [r.path for r in seen["app"].openai_routes(seen["auth"])]
     assert routes == ["/v1/chat/completions", "/v1/models"]
+    engine = seen["app"].engine  # one pool for the page and the API, by default running 16 and queueing >= 200
+    assert (engine.max_running, engine.max_waiting) == (16, 512)
+    generate.main(base_model=str(tiny_model), api=True, compile=False, concurrency_limit=3, max_queue=7)
+    assert (seen["app"].engine.max_running, seen["app"].engine.max_waiting) == (3, 7)
 
 
 @pytest.mark.parametrize("flags, message", [
     (dict(api_max_tokens=0), "--api_max_tokens must be at least 1"),
     (dict(api_max_input_tokens=-1), "--api_max_input_tokens must be at least 0"),
+    (dict(max_queue=-1), "--max_queue must be at least 0"),
     (dict(chat_template="no_such_template"), "no_such_template"),
 ])
 def test_bad_api_and_chat_flags_are_one_line_before_serving(tiny_model, monkeypatch, flags, message):
