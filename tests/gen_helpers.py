@@ -63,14 +63,16 @@ def answering(model, tokenizer, answer_for):
 
     def on_forward(module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] > 1:  # a prefill: a new generation starts
-            prompt = tokenizer.decode(ids[0], skip_special_tokens=True)
+        if ids is None or ids.shape[1] == 1:
+            return
+        jobs = rows_in_flight()
+        for row, job in enumerate(jobs or [None]):  # a prefill: new generations start (the engine's: one a row)
+            prompt = tokenizer.decode(ids[row], skip_special_tokens=True)
             answer = answer_for(prompt)
             script = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            local.run = {"prompt": prompt, "answer": answer, "script": script, "rows": ids.shape[0], "steps": 0}
-            runs.append(local.run)
-            for job in rows_in_flight() or ():
-                by_job[id(job)] = local.run
+            run = {"prompt": prompt, "answer": answer, "script": script, "rows": 1 if jobs else ids.shape[0], "steps": 0}
+            runs.append(run)
+            by_job[id(job)] = local.run = run
 
     def on_logits(module, args, output):
         jobs = rows_in_flight()

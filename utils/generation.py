@@ -138,6 +138,15 @@ class Generator:
             self.check_length(length, max_new_tokens)
         return {k: v.to(self.model.device) for k, v in enc.items()}
 
+    def left_padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id rows as one left-padded batch and its attention mask, as `encode` pads prompts."""
+        length = max(len(row) for row in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.model.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+        return ids, mask
+
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         limit = self.context_length
         if limit is not None and prompt_tokens + max_new_tokens > limit:

@@ -225,8 +225,8 @@ class Engine:
                     joining.append(self.waiting.popleft())
             if task:
                 self._run_task(*task)
-            for job in joining:
-                self._guarded(self._join, job)
+            if joining:
+                self._guarded(self._join, joining)
             if self.running:
                 self._guarded(self._step)
 
@@ -246,30 +246,29 @@ class Engine:
         try:
             fn(*args)
         except Exception as err:  # noqa: BLE001 - re-raised in each consumer
-            failed = [*args] or list(self.running)
+            failed = args[0] if args else list(self.running)
             for job in failed:
                 job.error = err
                 job._notify()
             with self.lock:
-                if not args:
-                    self.running, self.cache, self.mask = [], None, None
-                else:
-                    self._remove(args[0])
+                for job in failed:
+                    self._remove(job)
 
     @torch.no_grad()
-    def _join(self, job: Job) -> None:
-        """Prefill one new request alone, take its first token, and add its cache to the batch as a new row."""
-        ids = job.input_ids
-        mask = torch.ones_like(ids)
-        _in_flight.rows = [job]
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill the new requests together (left-padded, as generate() batches prompts), take their first tokens,
+        and add their cache rows to the batch."""
+        ids, mask = self.generator.left_padded([job.input_ids[0] for job in jobs])
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        _in_flight.rows = jobs
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         finally:
             _in_flight.rows = None
         with self.lock:
-            self.running.append(job)
+            self.running.extend(jobs)
         self.cache, self.mask = merge(self.cache, self.mask, out.cache, mask)
-        self._advance([job], out.logits[:, -1, :], ids)
+        self._advance(jobs, out.logits[:, -1, :], ids)
 
     @torch.no_grad()
     def _step(self) -> None:
