@@ -202,10 +202,12 @@ class Engine:
         """Run what serving runs (a lone row, rows joining and leaving) once, so that a compiled decoding step is
         compiled for the engine's calls now rather than at a user's request."""
         settings = Settings(temperature=0, num_beams=1, max_new_tokens=4)
-        short = self.stream(self.generator.render("Hi."), dataclasses.replace(settings, max_new_tokens=2))
-        long = self.stream(self.generator.render("Tell me about alpacas, please."), settings)
-        "".join(short), "".join(long)
-        "".join(self.stream(self.generator.render("Hi."), settings))
+        render = self.generator.render
+        jobs = [self.stream(render("Hi."), dataclasses.replace(settings, max_new_tokens=2)),
+                self.stream(render("Tell me about alpacas, please."), settings)]
+        for job in jobs:  # the short one leaves first
+            "".join(job)
+        "".join(self.stream(render("Hi."), settings))  # alone
 
     def _check_room(self) -> None:
         if len(self.waiting) + len(self.tasks) >= self.max_waiting:
