@@ -105,3 +105,24 @@ def test_a_stop_string_ends_the_answer_and_is_never_streamed(gen):
 ])
 def test_safe_end_holds_back_what_may_become_a_stop_string(text, stops, end):
     assert safe_end(text, stops) == end
+
+
+def test_a_compiled_step_is_compiled_for_the_engine_at_start_not_at_a_request(tiny_model):
+    """After warm_up, a crowd joining and leaving the batch down to a lone row (the compiled step's shape) compiles
+    nothing more, and the lone row's greedy tokens are the eager ones."""
+    import torch._dynamo
+
+    gen = load_generator(str(tiny_model), device="cpu")
+    prompts = [gen.render(p) for p in PROMPTS]
+    settings = [Settings(temperature=0, num_beams=1, max_new_tokens=n) for n in (3, 6, 9, 12, 24)]
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        eager = gen.complete([prompts[-1]], settings[-1])[0]
+        gen.compile()
+        engine = Engine(gen, max_running=8, max_waiting=8)
+        engine.warm_up()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        jobs = [engine.stream(p, s) for p, s in zip(prompts, settings)]  # the last runs alone for its last 12 tokens
+        for job in jobs:
+            "".join(job)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert (jobs[-1].completion.text, jobs[-1].completion.completion_tokens) == (eager.text, eager.completion_tokens)
