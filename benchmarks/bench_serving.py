@@ -109,6 +109,8 @@ def main(clients: str = "1,4,16,64,200", max_tokens: int = 16, smoke: bool = Fal
     sizes = [c for c in clients.split(",") if c]
     if not sizes or not all(c.isdigit() and int(c) > 0 for c in sizes):
         raise UserError("--clients must be comma-separated whole numbers above 0, e.g. 1,4,16")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise UserError("--max_tokens must be a whole number, at least 1")
     from utils.models import load_tokenizer, resolve_base_model
 
     base_model = smoke_model(Path(tempfile.gettempdir()) / "alpaca-lora-bench") if smoke else ""

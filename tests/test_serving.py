@@ -1,7 +1,6 @@
 """utils.serving.Engine, the server's one pool, on the tiny model: batched answers equal unbatched ones, requests
 join and leave the batch between steps, each with its own settings, and stopped requests free their place."""
 
-import threading
 import time
 
 import pytest
