@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from utils.cli import UserError, check_writable, run
-from utils.demo import build_app, check_port_free, first_answer, launch
+from utils.demo import MAX_RUNNING, MAX_WAITING, build_app, check_port_free, first_answer, launch
 
 AUTH_ENV = "ALPACA_LORA_AUTH"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -42,7 +42,8 @@ def main(
     max_new_tokens: int = 128,
     stream: bool = True,
     batch_size: int = 8,
-    concurrency_limit: int = 4,
+    concurrency_limit: int = MAX_RUNNING,
+    max_queue: int = MAX_WAITING,
     chat_template: str = "",
     api: bool = False,
     api_max_tokens: int = 512,
@@ -75,13 +76,14 @@ def main(
         max_new_tokens: Longest answer, in tokens.
         stream: In the demo, stream answers token by token by default (the user can switch it off).
         batch_size: Instructions generated together in --input_file mode (left-padded batches).
-        concurrency_limit: Answers the demo generates at the same time; further requests wait in the queue (the API answers 429 instead).
+        concurrency_limit: Answers generated at the same time, for the demo's tabs and the API together; they share each forward pass (batched decoding). Further requests wait in one first-come-first-served queue.
+        max_queue: Requests that may wait beyond the running ones; past it the API answers 503 (with Retry-After) and the demo "server is busy".
         chat_template: How the Chat tab and the API render conversations: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the adapter's (finetune.py --chat_template; for an adapter trained on instruction records, its prompt template turn by turn), without an adapter the tokenizer's if it has one, else alpaca_chat.
         api: Also serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) on the same port, behind the same --auth (the password is the API key).
         api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
         bf16: bf16 weights (half the bytes to read per token); default: where the hardware computes bf16 natively (GPUs since Ampere, CPUs with AVX512-BF16 or AMX), else fp32 on CPU, fp16 on GPUs. False: fp32 on CPU, fp16 on GPUs.
-        compile: Compile the decoding step (torch.compile, warmed up at start: about a minute on 2 CPU cores) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU; default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
+        compile: Compile the decoding step (torch.compile, warmed up at start: about a minute on 2 CPU cores) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
         threads: CPU threads computing the model; 0: the physical cores, less one for the demo (streaming needs a core of its own).
     """
     from utils.checks import check_values
@@ -124,9 +126,9 @@ def main(
     base_model = generator.base_model
     title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
     api_settings = ApiSettings(model=Path(lora_weights or base_model or "SmolLM2-135M-Instruct").name, max_tokens=api_max_tokens,
-                               max_input_tokens=api_max_input_tokens, concurrency=concurrency_limit) if api else None
+                               max_input_tokens=api_max_input_tokens) if api else None
     app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit,
-                    chat=generator.chat, api=api_settings)
+                    chat=generator.chat, api=api_settings, max_queue=max_queue)
     launch(app, server_name=server_name, server_port=server_port, share=share_gradio, auth=credentials)
 
 

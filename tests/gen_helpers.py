@@ -53,26 +53,35 @@ def scripted(model, token_ids: list[int]):
 def answering(model, tokenizer, answer_for):
     """Make the model answer every prompt with answer_for(prompt text) + EOS, one token per step.
 
-    Unlike `scripted`, each generation follows its own script (kept per thread: one generate() call runs in one
-    thread), so concurrent requests get different, predictable answers. Yields a list that records every
-    generation as {"prompt", "answer", "script" (its token ids), "rows" (batch × beams), "steps" (forward passes so far)}."""
-    local, runs = threading.local(), []
+    Unlike `scripted`, each generation follows its own script, so concurrent requests get different, predictable
+    answers: a generate() call is one generation of its thread; in the server's batch (utils.serving) each row is
+    its job's. Yields a list that records every generation as {"prompt", "answer", "script" (its token ids),
+    "rows" (batch × beams of its prefill), "steps" (forward passes so far)}."""
+    from utils.serving import rows_in_flight
+
+    local, runs, by_job = threading.local(), [], {}
 
     def on_forward(module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] > 1:  # a prefill: a new generation starts in this thread
-            prompt = tokenizer.decode(ids[0], skip_special_tokens=True)
+        if ids is None or ids.shape[1] == 1:
+            return
+        jobs = rows_in_flight()
+        for row, job in enumerate(jobs or [None]):  # a prefill: new generations start (the engine's: one a row)
+            prompt = tokenizer.decode(ids[row], skip_special_tokens=True)
             answer = answer_for(prompt)
             script = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            local.run = {"prompt": prompt, "answer": answer, "script": script, "rows": ids.shape[0], "steps": 0}
-            runs.append(local.run)
+            run = {"prompt": prompt, "answer": answer, "script": script, "rows": 1 if jobs else ids.shape[0], "steps": 0}
+            runs.append(run)
+            by_job[id(job)] = local.run = run
 
     def on_logits(module, args, output):
-        run = local.run
-        token = run["script"][min(run["steps"], len(run["script"]) - 1)]
-        run["steps"] += 1
+        jobs = rows_in_flight()
+        rows = [by_job[id(job)] for job in jobs] if jobs else [local.run] * output.shape[0]
         output.fill_(float("-inf"))
-        output[..., token] = 0.0
+        for i, run in enumerate(rows):
+            output[i, ..., run["script"][min(run["steps"], len(run["script"]) - 1)]] = 0.0
+        for run in {id(run): run for run in rows}.values():
+            run["steps"] += 1
         return output
 
     handles = [unwrapped(model).register_forward_pre_hook(on_forward, with_kwargs=True),

@@ -4,22 +4,23 @@ The tiny random model answers from a script (gen_helpers.scripted), so every ans
 checked is the serving: rendering of the whole conversation, streaming, auth, limits and their HTTP errors."""
 
 import json
+import threading
 import time
 
 import httpx
 import openai
 import pytest
-from gen_helpers import never_eos, scripted, serving, slowed
+from gen_helpers import answering, never_eos, scripted, serving, slowed
 
 import generate
 from utils import demo
 from utils.api import ApiSettings
 from utils.chat import load_chat_template
 from utils.cli import UserError
-from utils.generation import Settings, load_generator
+from utils.generation import Settings, load_generator, unwrapped
 
 DEFAULTS = Settings(temperature=0, num_beams=1, max_new_tokens=32)
-API = ApiSettings(model="tiny-chat", max_tokens=64, max_input_tokens=200, concurrency=1)
+API = ApiSettings(model="tiny-chat", max_tokens=64, max_input_tokens=200)
 AUTH = ("alice", "se:cret")
 ANSWER = "Alpacas are gentle animals."
 HISTORY = [
@@ -53,11 +54,9 @@ def client(url):
 
 @pytest.fixture
 def prompts(gen, monkeypatch):
-    """Every prompt the generator is asked to answer, as rendered text."""
-    seen = []
-    for name in ("stream", "complete"):
-        method = getattr(gen, name)
-        monkeypatch.setattr(gen, name, lambda p, *a, _m=method, **k: (seen.extend([p] if isinstance(p, str) else p), _m(p, *a, **k))[1])
+    """Every prompt the generator is asked to answer, as rendered text (each path encodes its prompts once)."""
+    seen, encode = [], gen.encode
+    monkeypatch.setattr(gen, "encode", lambda prompts, *a, **k: (seen.extend(prompts), encode(prompts, *a, **k))[1])
     return seen
 
 
@@ -136,22 +135,134 @@ def test_too_large_and_broken_bodies(url):
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
 
 
-def test_a_request_beyond_the_concurrency_limit_gets_429_until_a_slot_frees(gen, client):
-    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.05):
-        busy = client.chat.completions.create(model="tiny-chat", messages=HISTORY, max_tokens=60, stream=True)
-        next(iter(busy))  # the first answer is being generated: the only slot is taken
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.chat.completions.create(model="tiny-chat", messages=HISTORY, max_tokens=2)
-        assert caught.value.body["code"] == "rate_limit_exceeded"
-        busy.close()  # the client goes away: the server stops that answer and frees the slot
-    deadline = time.time() + 10
-    while True:
-        try:
-            assert client.chat.completions.create(model="tiny-chat", messages=HISTORY, max_tokens=2).choices
-            break
-        except openai.RateLimitError:
-            assert time.time() < deadline, "the slot of the abandoned stream was never freed"
-            time.sleep(0.2)
+def wait_until(condition, what: str, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def small_pool(gen, chat):
+    """A server with one answer at a time and one waiting place; yields (url, its engine)."""
+    app = demo.build_app(gen, DEFAULTS, chat=chat, api=API, concurrency_limit=1, max_queue=1)
+    with serving(app) as url:
+        yield url, app.engine
+
+
+def post(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}v1/chat/completions", json={"messages": HISTORY, **body}, timeout=60,
+                      headers={"Authorization": "Bearer se:cret"})  # the key of `url`'s server; others need none
+
+
+def test_requests_beyond_the_running_ones_wait_then_503_past_the_queue(gen, small_pool):
+    url, engine = small_pool
+    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.02):
+        with httpx.stream("POST", f"{url}v1/chat/completions", json={"messages": HISTORY, "stream": True,
+                                                                     "max_tokens": 60}, timeout=60) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # answering: the only running place is taken
+            waiting = threading.Thread(target=lambda: results.append(post(url, max_tokens=3)))
+            results = []
+            waiting.start()
+            wait_until(lambda: len(engine.waiting) == 1, "the second request never queued")
+            turned_away = post(url, max_tokens=3)  # the queue's one place is taken too
+            assert turned_away.status_code == 503 and turned_away.headers["Retry-After"] == "5"
+            assert turned_away.json()["error"]["code"] == "queue_full"
+        waiting.join(timeout=60)  # the stream was closed: its place went to the waiting request, which is answered
+    assert results[0].status_code == 200 and results[0].json()["usage"]["completion_tokens"] == 3
+    wait_until(lambda: engine.busy == 0, "a place is still taken")
+
+
+def test_a_client_gone_before_its_answer_starts_is_dropped_from_the_queue(gen, chat, small_pool):
+    """A streamed and a plain request wait behind a running one; both clients hang up before a token: both are dropped
+    from the queue at once (not answered for nobody), then the running one is stopped by its own hang-up."""
+    import socket
+
+    url, engine = small_pool
+    first = chat.render(HISTORY, add_generation_prompt=True)
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.1):  # the first runs for 6 s
+        with httpx.stream("POST", f"{url}v1/chat/completions", json={"messages": HISTORY, "stream": True,
+                                                                     "max_tokens": 64}, timeout=60) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
+            for stream in (True, False):
+                body = json.dumps({"messages": HISTORY, "stream": stream, "max_tokens": 60}).encode()
+                with socket.create_connection(("127.0.0.1", port)) as raw:
+                    raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    wait_until(lambda: len(engine.waiting) == 1, "the request never queued")
+                wait_until(lambda: not engine.waiting, f"the hung-up request (stream={stream}) stayed queued")
+                assert [job.prompt for job in engine.running] == [first]  # dropped, not answered for nobody
+    wait_until(lambda: engine.busy == 0, "the running request's place was never freed")
+
+
+def test_a_client_gone_during_the_stream_frees_its_place(gen, small_pool):
+    url, engine = small_pool
+    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.02):
+        with httpx.stream("POST", f"{url}v1/chat/completions", json={"messages": HISTORY, "stream": True,
+                                                                     "max_tokens": 60}, timeout=60) as running:
+            lines = running.iter_lines()
+            while "content" not in next(lines) or not engine.running:  # tokens are arriving
+                pass
+            assert engine.busy == 1
+    wait_until(lambda: engine.busy == 0, "the abandoned stream kept its place")
+    assert post(url, max_tokens=2).status_code == 200  # and the next request is answered
+
+
+def test_streamed_chunks_are_shaped_as_openais(gen, url):
+    """One id and `created` per response, usage null until the last chunk, finish_reason for EOS, a stop string
+    and max_tokens."""
+    def chunks(**body):
+        response = post(url, stream=True, stream_options={"include_usage": True}, **body)
+        return [json.loads(e[6:]) for e in response.text.split("\n\n") if e and e != "data: [DONE]"]
+
+    with slowed(gen.model, 0.3), scripted(gen.model, says(gen, ANSWER)):
+        eos = chunks()  # 0.3 s a token: the answer spans seconds, each chunk would carry its own time.time()
+    assert len({c["created"] for c in eos}) == 1 and len({c["id"] for c in eos}) == 1
+    assert all(c["usage"] is None for c in eos[:-1]) and eos[-1]["usage"]["completion_tokens"] == len(says(gen, ANSWER))
+    assert eos[-2]["choices"][0]["finish_reason"] == "stop" and eos[-1]["choices"] == []
+    with scripted(gen.model, says(gen, ANSWER)):  # each script is one answer's
+        stopped = chunks(stop=["gentle"])
+    with scripted(gen.model, says(gen, ANSWER)):
+        cut = post(url, stop="gentle").json()
+    with scripted(gen.model, says(gen, ANSWER)):
+        length = chunks(max_tokens=3)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in stopped if c["choices"]) == "Alpacas are "
+    assert stopped[-2]["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "Alpacas are"}, "finish_reason": "stop"}
+    assert length[-2]["choices"][0]["finish_reason"] == "length" and length[-1]["usage"]["completion_tokens"] == 3
+    assert post(url, stop=["a", "b", "c", "d", "e"]).status_code == 400
+
+
+def test_many_concurrent_requests_are_all_answered_in_shared_passes(gen, chat):
+    """40 clients at once on a pool of 8 running and 32 waiting places: none turned away, each gets its own answer,
+    and the answers share forward passes (far fewer passes than tokens)."""
+    def echo(prompt):
+        return "You said " + prompt.rsplit("number ", 1)[1].split(".")[0]
+
+    app = demo.build_app(gen, DEFAULTS, chat=chat, api=API, concurrency_limit=8, max_queue=32)
+    replies, passes = {}, []
+    counter = unwrapped(gen.model).register_forward_pre_hook(lambda module, args: passes.append(1))
+    with serving(app) as url, answering(gen.model, gen.tokenizer, echo), slowed(gen.model, 0.02):
+        def user(i):
+            replies[i] = post(url, messages=[{"role": "user", "content": f"Repeat number {i}."}])
+
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert app.engine.busy == 0
+    counter.remove()
+    assert {i: r.status_code for i, r in replies.items()} == {i: 200 for i in range(40)}
+    assert {i: r.json()["choices"][0]["message"]["content"] for i, r in replies.items()} == {i: f"You said {i}" for i in range(40)}
+    # One at a time, each token is one forward pass (a prefill gives the first). Batched, the 40 prefills stay
+    # but the other tokens share passes: at most half as many passes as those tokens, 8 rows running.
+    tokens = sum(r.json()["usage"]["completion_tokens"] for r in replies.values())
+    print(f"{tokens} tokens in {len(passes)} forward passes")
+    assert len(passes) - 40 <= (tokens - 40) / 2
 
 
 def test_chat_tab_keeps_the_history(gen, chat, prompts):
@@ -177,11 +288,16 @@ def test_api_flag_reaches_the_app(tiny_model, monkeypatch):
                   compile=False)
     routes = [r.path for r in seen["app"].openai_routes(seen["auth"])]
     assert routes == ["/v1/chat/completions", "/v1/models"]
+    engine = seen["app"].engine  # one pool for the page and the API, by default running 16 and queueing >= 200
+    assert (engine.max_running, engine.max_waiting) == (16, 512)
+    generate.main(base_model=str(tiny_model), api=True, compile=False, concurrency_limit=3, max_queue=7)
+    assert (seen["app"].engine.max_running, seen["app"].engine.max_waiting) == (3, 7)
 
 
 @pytest.mark.parametrize("flags, message", [
     (dict(api_max_tokens=0), "--api_max_tokens must be at least 1"),
     (dict(api_max_input_tokens=-1), "--api_max_input_tokens must be at least 0"),
+    (dict(max_queue=-1), "--max_queue must be at least 0"),
     (dict(chat_template="no_such_template"), "no_such_template"),
 ])
 def test_bad_api_and_chat_flags_are_one_line_before_serving(tiny_model, monkeypatch, flags, message):

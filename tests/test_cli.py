@@ -15,7 +15,8 @@ from gen_helpers import make_adapter
 from tiny import REPO
 
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
-           "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py"]
+           "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py",
+           "benchmarks/bench_serving.py"]
 # What loading a model (every model class builds on transformers.modeling_utils) or adapting one imports. A mistake
 # is answered before any of it: loading is the work that takes seconds to minutes, and these imports alone take seconds.
 MODEL_CODE = {"transformers.modeling_utils", "peft"}
@@ -87,6 +88,7 @@ MISTAKES = [
     case("benchmarks/bench_generate.py", ["--configs", "fp16"], "unknown configuration.*choose from before, fp32, fp32-compiled"),
     case("benchmarks/bench_generate.py", ["--llama_threads", "two"], "--llama_threads must be whole numbers above 0"),
     case("benchmarks/bench_generate.py", ["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    case("benchmarks/bench_serving.py", ["--clients", "1,0"], "--clients must be comma-separated whole numbers above 0"),
     case("evaluate.py", ["--lora_weights", "{adapter}", "--num_beams", "0"], "--num_beams must be at least 1"),
     case("export_hf_checkpoint.py", ["--dtype", "float8"], "--dtype must be one of auto, float32"),
     case("export_hf_checkpoint.py", ["--max_shard_size", "5 gigs"], "--max_shard_size must be a size such as 5GB"),
@@ -142,7 +144,7 @@ def run_script(script, args, env=None, cwd=REPO):
 OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "export_hf_checkpoint.py": "--output_dir",
                "export_state_dict_checkpoint.py": "--output_dir", "export_onnx.py": "--output_dir",
                "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output",
-               "benchmarks/bench_generate.py": "--output"}
+               "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output"}
 
 
 @pytest.mark.parametrize("script, args, message, env", MISTAKES)

@@ -76,11 +76,13 @@ def gqa_adapter(tiny_gqa_model, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def prompts(monkeypatch) -> list[str]:
-    """Every prompt any Generator is asked to answer, as rendered text."""
+    """Every prompt a Generator, or the server's Engine that batches for it, is asked to answer, as rendered text."""
+    from utils.serving import Engine
+
     seen = []
-    for name in ("stream", "complete"):
-        method = getattr(Generator, name)
-        monkeypatch.setattr(Generator, name, lambda self, p, *a, _m=method, **k: (
+    for owner, name in ((Generator, "stream"), (Generator, "complete"), (Engine, "stream")):
+        method = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda self, p, *a, _m=method, **k: (
             seen.extend([p] if isinstance(p, str) else p), _m(self, p, *a, **k))[1])
     return seen
 

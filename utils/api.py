@@ -3,26 +3,32 @@
 Requests are rendered with the same chat template as the demo's chat tab and answered by the same Generator, so a
 client such as the official `openai` package talks to the adapter exactly as the chat tab does. Errors use OpenAI's
 shape, {"error": {"message", "type", "param", "code"}}, with the status codes OpenAI uses: 400 bad request,
-401 missing or wrong key, 413 too large, 429 too many requests at once.
+401 missing or wrong key, 413 too large, 503 (with Retry-After) when the queue of waiting requests is full.
+
+Requests are answered by the server's one pool (utils.serving.Engine, shared with the demo's tabs): beyond the
+answers being generated they wait in its queue, and a request whose client has gone is dropped from it.
 """
 
+import asyncio
 import base64
 import hmac
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from utils.chat import ChatTemplate, parse_messages
 from utils.cli import UserError
-from utils.generation import Generator, PromptTooLong, Settings
+from utils.generation import Completion, Generator, PromptTooLong, Settings
+from utils.serving import Engine, Job, QueueFull
+
+RETRY_AFTER_S = 5  # what a 503 asks a client to wait before trying again
 
 
 @dataclass(frozen=True)
@@ -32,19 +38,18 @@ class ApiSettings:
     model: str = "alpaca-lora"  # the id /v1/models lists; requests may name any model, this one answers
     max_tokens: int = 512  # the most new tokens a request may ask for (400 above)
     max_input_tokens: int = 0  # the longest rendered conversation, in tokens (413 above); 0: the model's context
-    concurrency: int = 4  # answers generated at once; a request beyond that gets 429 instead of waiting
     max_body_bytes: int = 1 << 20  # 413 above
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: Optional[str] = None,
-                 param: Optional[str] = None):
+                 param: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.type, self.code, self.param = status, type, code, param
+        self.status, self.type, self.code, self.param, self.headers = status, type, code, param, headers
 
     def response(self) -> JSONResponse:
         error = {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
-        headers = {"WWW-Authenticate": 'Bearer realm="alpaca-lora"'} if self.status == 401 else None
+        headers = {"WWW-Authenticate": 'Bearer realm="alpaca-lora"'} if self.status == 401 else self.headers
         return JSONResponse({"error": error}, status_code=self.status, headers=headers)
 
 
@@ -61,6 +66,7 @@ class ChatRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: Optional[dict] = None
+    stop: Union[str, list[str], None] = None  # up to 4 strings; the answer ends before the first one it writes
 
 
 def authorized(request: Request, credentials: Optional[tuple[str, str]]) -> bool:
@@ -86,10 +92,14 @@ def sse(payload) -> str:
 
 
 def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, api: ApiSettings,
-                 credentials: Optional[tuple[str, str]] = None) -> APIRouter:
-    """The /v1 routes; `defaults` supplies temperature, top_p and max_tokens when a request leaves them out."""
+                 credentials: Optional[tuple[str, str]] = None, engine: Optional[Engine] = None) -> APIRouter:
+    """The /v1 routes; `defaults` supplies temperature, top_p and max_tokens when a request leaves them out;
+    `engine`: the pool that generates the answers (the demo's, shared with its tabs; default: one of its own)."""
     router = APIRouter(prefix="/v1")
-    slots = threading.BoundedSemaphore(api.concurrency)
+    if engine is None:
+        from utils.demo import MAX_RUNNING, MAX_WAITING
+
+        engine = Engine(generator, MAX_RUNNING, MAX_WAITING)
     created = int(time.time())
 
     def check_auth(request: Request) -> None:
@@ -146,65 +156,25 @@ def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, a
             raise ApiError(400, str(err), code="context_length_exceeded", param="messages") from None
         return prompt, settings
 
-    def chunk(completion_id: str, delta: dict, finish_reason: Optional[str] = None) -> dict:
-        return {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": api.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-
-    def usage(completion) -> dict:
-        return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                "total_tokens": completion.prompt_tokens + completion.completion_tokens}
-
-    def finish_reason(completion) -> str:
-        return "length" if completion.finish_reason == "length" else "stop"
-
-    def streamed(prompt: str, settings: Settings, include_usage: bool) -> StreamingResponse:
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = generator.stream(prompt, settings)
-
-        async def events():
-            try:
-                yield sse(chunk(completion_id, {"role": "assistant", "content": ""}))
-                started = False
-                async for piece in iterate_in_threadpool(stream):
-                    piece = piece if started else piece.lstrip()  # as the non-streamed answer, no leading space
-                    if piece:
-                        started = True
-                        yield sse(chunk(completion_id, {"content": piece}))
-                yield sse(chunk(completion_id, {}, finish_reason(stream.completion)))
-                if include_usage:
-                    yield sse(dict(chunk(completion_id, {}), choices=[], usage=usage(stream.completion)))
-                yield sse("[DONE]")
-            except Exception as err:  # the 200 is already sent: report in the stream, as OpenAI does
-                yield sse({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None, "code": None}})
-            finally:  # also when the client goes away: stop generating for nobody, free the slot
-                stream.stop()
-                slots.release()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
             check_auth(request)
             req = await read_request(request)
             prompt, settings = await run_in_threadpool(prepare, req)
-            if not slots.acquire(blocking=False):
-                raise ApiError(429, f"{api.concurrency} requests are being answered; retry shortly",
-                               "rate_limit_error", "rate_limit_exceeded")
+            job = submit(engine, prompt, settings, req.stop)
         except ApiError as err:
             return err.response()
         if req.stream:
-            try:
-                return streamed(prompt, settings, bool((req.stream_options or {}).get("include_usage")))
-            except BaseException:
-                slots.release()
-                raise
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return JobResponse(job, events(job, api.model, include_usage), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
         try:
-            completion = (await run_in_threadpool(generator.complete, [prompt], settings))[0]
+            completion = await answered(job, request)
         except Exception as err:
             return ApiError(500, f"generation failed: {err}", "server_error").response()
-        finally:
-            slots.release()
+        if completion is None:  # the client has gone: nobody to answer
+            return Response(status_code=499)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": api.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
@@ -221,3 +191,84 @@ def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, a
         return {"object": "list", "data": [{"id": api.model, "object": "model", "created": created, "owned_by": "alpaca-lora"}]}
 
     return router
+
+
+def submit(engine: Engine, prompt: str, settings: Settings, stop: Union[str, list[str], None]) -> Job:
+    """Queue the request in the shared pool; a full queue is a 503 that says when to retry."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, "stop must be a string or a list of at most 4 strings", param="stop")
+    try:
+        return engine.stream(prompt, settings, stop_strings=stops)
+    except QueueFull as err:
+        raise ApiError(503, str(err), "server_error", "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+async def answered(job: Job, request: Request) -> Optional[Completion]:
+    """The finished completion, or None once the client has disconnected (the job is then stopped and dropped)."""
+    drained = asyncio.ensure_future(drain(job))
+    while not drained.done():
+        await asyncio.wait([drained], timeout=0.5)
+        if not drained.done() and await request.is_disconnected():
+            job.stop()
+            await drained
+            return None
+    return drained.result()
+
+
+async def drain(job: Job) -> Completion:
+    async for _ in job.pieces():
+        pass
+    return job.completion
+
+
+class JobResponse(StreamingResponse):
+    """A streamed answer that stops its job however the response ends: finished, the client gone before the first
+    byte or during the stream (Starlette cancels the body then, or never starts it), or an error."""
+
+    def __init__(self, job: Job, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.stop()
+
+
+async def events(job: Job, model: str, include_usage: bool):
+    """The answer as OpenAI streams it: one id and `created` for every chunk, `usage` null until a last chunk that
+    holds it (with stream_options.include_usage), then [DONE]; an error after the 200 is reported in the stream."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
+    if include_usage:
+        head["usage"] = None
+
+    def chunk(delta: dict, finish: Optional[str] = None) -> str:
+        return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        started = False
+        async for piece in job.pieces():
+            piece = piece if started else piece.lstrip()  # as the non-streamed answer, no leading space
+            if piece:
+                started = True
+                yield chunk({"content": piece})
+        yield chunk({}, finish_reason(job.completion))
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(job.completion)})
+        yield sse("[DONE]")
+    except Exception as err:  # the 200 is already sent: report in the stream, as OpenAI does
+        yield sse({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None, "code": None}})
+
+
+def usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def finish_reason(completion: Completion) -> str:
+    """OpenAI's names: "length" when max_tokens ended it, else "stop" (EOS, a stop string, or stopped early)."""
+    return "length" if completion.finish_reason == "length" else "stop"

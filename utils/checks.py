@@ -64,6 +64,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_beams": at_least(1),
     "max_new_tokens": at_least(1),
     "concurrency_limit": at_least(1),
+    "max_queue": at_least(0),
     "api_max_tokens": at_least(1),
     "api_max_input_tokens": at_least(0),
     "threads": at_least(0),

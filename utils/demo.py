@@ -16,7 +16,10 @@ from utils.prompts import Prompter
 # streamed, whose first words appear after 0.13 s).
 BEAMS_COST = ("Beam search needs Stream off (streaming uses 1 beam) and shows nothing until the answer is complete: "
               "4 beams take about 2.5x as long as a streamed answer takes to finish")
-QUEUE_SIZE = 100  # waiting requests beyond this are turned away with "queue is full" instead of piling up
+# The shared pool's size (utils.serving.Engine): answers generated together, sharing each forward pass (more cost each
+# step more; benchmarks/bench_generate.py --concurrency), and requests that may wait beyond them (Ollama's default).
+MAX_RUNNING = 16
+MAX_WAITING = 512
 EXAMPLES = [  # the original's test prompts, one click away
     ["Tell me about alpacas.", ""],
     ["Write a Python program that prints the first 10 Fibonacci numbers.", ""],
@@ -55,7 +58,7 @@ class SessionStops:
                 event.set()
 
 
-def make_answer_fn(generator, stops: SessionStops):
+def make_answer_fn(generator, stops: SessionStops, engine):
     """The demo's event handler: yields the growing answer (response part only), or raises a visible gr.Error."""
     import gradio as gr
 
@@ -65,26 +68,27 @@ def make_answer_fn(generator, stops: SessionStops):
                max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
         if not (instruction or "").strip():
             raise gr.Error("Type an instruction first.", print_exception=False)
-        yield from answer_for(generator, stops, request, lambda: generator.render(instruction, input),
+        yield from answer_for(engine, stops, request, lambda: generator.render(instruction, input),
                               Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
                               cut=lambda text: first_answer(text, generator.prompter))
 
     return answer
 
 
-def answer_for(generator, stops: SessionStops, request, render, settings, stream: bool, cut) -> Iterator[str]:
+def answer_for(engine, stops: SessionStops, request, render, settings, stream: bool, cut) -> Iterator[str]:
     """One request's answer as a handler yields it, growing when streamed: `render()` builds the prompt, `cut(text)`
-    gives (what to show, whether the answer ended). Stop ends it for this session; errors are this user's alone."""
+    gives (what to show, whether the answer ended); `engine` (utils.serving.Engine) generates it in the shared pool.
+    Stop ends it for this session; errors (a full queue included) are this user's alone."""
     import gradio as gr
 
     try:
         prompt = render()
         with stops.register(getattr(request, "session_hash", None)) as stop:
             if not stream:
-                yield cut(generator.complete([prompt], settings, stop)[0].text)[0]
+                yield cut(engine.complete([prompt], settings, stop)[0].text)[0]
                 return
             text = ""
-            with generator.stream(prompt, settings, stop) as pieces:
+            with engine.stream(prompt, settings, stop) as pieces:
                 for piece in pieces:
                     text += piece
                     shown, ended = cut(text)
@@ -110,9 +114,14 @@ def first_answer(text: str, prompter: Prompter) -> tuple[str, bool]:
     return (text[:found.start()].strip(), True) if found else (text.lstrip(), False)
 
 
-def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = 4, chat=None, api=None):
+def build_app(generator, defaults, stream: bool = True, title: str = "", concurrency_limit: int = MAX_RUNNING, chat=None,
+              api=None, max_queue: int = MAX_WAITING):
     """The gr.Blocks demo: an Instruction tab (instruction + input, the original's controls, a streamed output, Stop,
     examples) and a Chat tab (a conversation rendered by `chat`, default: the tokenizer's template or alpaca_chat).
+
+    Both tabs and the API answer from one pool (utils.serving.Engine, `app.engine`): `concurrency_limit` answers
+    are generated at once, sharing each forward pass, and up to `max_queue` more wait their turn, first come first
+    served; beyond that a request is turned away (the API's 503, the demo's "server is busy").
 
     API endpoints (gradio_client): /generate (instruction, input, temperature, top_p, top_k, num_beams,
     max_new_tokens, stream) streams the answer; /stop stops the calling session's answers; /chat (message,
@@ -122,8 +131,13 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
 
     from utils.chat import load_chat_template
 
+    from utils.serving import Engine
+
     chat = chat or load_chat_template("", generator.tokenizer)
     stops = SessionStops()
+    engine = Engine(generator, max_running=concurrency_limit, max_waiting=max_queue)
+    if generator.compiled:
+        engine.warm_up()
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
         gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions and chats, answers stream as they are written.")
         with gr.Tab("Instruction"):
@@ -140,7 +154,7 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
             gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
 
             event = gr.on(
-                [submit.click, instruction.submit], make_answer_fn(generator, stops),
+                [submit.click, instruction.submit], make_answer_fn(generator, stops, engine),
                 inputs=[instruction, input, *controls], outputs=output, api_name="generate",
             )
 
@@ -150,15 +164,17 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
         # Stop sets this session's events (generation ends after the current token) and drops its queued requests.
         stop.click(stop_session, None, None, cancels=[event], queue=False, api_name="stop")
         with gr.Tab("Chat"):
-            chat_tab(gr, generator, chat, defaults, stream, stops, stop_session)
+            chat_tab(gr, generator, chat, defaults, stream, stops, stop_session, engine)
     if api is not None:  # the OpenAI-compatible routes, made by launch() which knows the credentials
         from utils.api import build_router
 
-        app.openai_routes = lambda credentials: build_router(generator, chat, defaults, api, credentials).routes
-    return app.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_SIZE)
+        app.openai_routes = lambda credentials: build_router(generator, chat, defaults, api, credentials, engine).routes
+    app.engine = engine
+    # Gradio's queue only hands the tabs' requests to the engine, whose queue is the one that orders them.
+    return app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
 
 
-def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, stop_session) -> None:
+def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, stop_session, engine) -> None:
     """A conversation with history: a system prompt box, the same settings, the answers streamed into the chat."""
     from utils.chat import chat_messages
     from utils.generation import Settings
@@ -167,7 +183,7 @@ def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, s
                 num_beams: int, max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
         if not (message or "").strip():
             raise gr.Error("Type a message first.", print_exception=False)
-        yield from answer_for(generator, stops, request,
+        yield from answer_for(engine, stops, request,
                               lambda: chat.render(chat_messages(system, history, message), add_generation_prompt=True),
                               Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
                               cut=lambda text: (text.strip(), False))

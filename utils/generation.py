@@ -89,6 +89,7 @@ class Generator:
         self.prompter = prompter
         self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
         self.base_model = ""  # the base's name as chosen (models.choose_base_model), "" for the embedded model
+        self.compiled = False  # whether compile() made the one-sequence decoding step a compiled graph
 
     def compile(self) -> None:
         """Compile the one-token decoding step of one sequence (what streaming, the API and --instruction run) and
@@ -118,6 +119,7 @@ class Generator:
             return (compiled if one_token else eager)(*args, **kwargs)
 
         model.forward = forward
+        self.compiled = True
         self.complete([self.render("Hi.")], Settings(temperature=0, num_beams=1, max_new_tokens=3))
 
     @property
@@ -136,6 +138,15 @@ class Generator:
         for length in lengths:
             self.check_length(length, max_new_tokens)
         return {k: v.to(self.model.device) for k, v in enc.items()}
+
+    def left_padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id rows as one left-padded batch and its attention mask, as `encode` pads prompts."""
+        length = max(len(row) for row in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.model.device)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+        return ids, mask
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         limit = self.context_length

@@ -1,0 +1,127 @@
+"""utils.serving.Engine, the server's one pool, on the tiny model: batched answers equal unbatched ones, requests
+join and leave the batch between steps, each with its own settings, and stopped requests free their place."""
+
+import time
+
+import pytest
+from gen_helpers import make_adapter, never_eos, slowed
+
+from utils.generation import Settings, load_generator, unwrapped
+from utils.serving import Engine, QueueFull, safe_end
+
+GREEDY = Settings(temperature=0, num_beams=1, max_new_tokens=12)
+PROMPTS = ["Hi.", "Tell me about alpacas.", "Write a long poem about llamas and vicunas in the Andes mountains, please.",
+           "Name three colours.", "What is two plus two?"]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model, tmp_path_factory):
+    adapter = make_adapter(tiny_model, tmp_path_factory.mktemp("adapter"))  # a PEFT adapter, unmerged
+    return load_generator(str(tiny_model), str(adapter), device="cpu")
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.time() + 30
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.005)
+
+
+def test_greedy_answers_in_a_batch_equal_the_unbatched_ones(gen):
+    """Prompts of different lengths join a running batch one after another (left-padded), ask for different
+    max_tokens, and share it with sampled answers: each greedy answer is token for token the one generate() gives
+    alone, and the rows really shared forward passes."""
+    engine = Engine(gen, max_running=8, max_waiting=8)
+    lengths = [12, 5, 12, 9, 3]
+    prompts = [gen.render(p) for p in PROMPTS]
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        alone = [gen.complete([p], Settings(temperature=0, num_beams=1, max_new_tokens=n))[0] for p, n in zip(prompts, lengths)]
+        widest, passes = [], []
+
+        def count(module, args, kwargs):
+            passes.append(1)
+            widest.append(kwargs["input_ids"].shape[0])
+
+        counter = unwrapped(gen.model).register_forward_pre_hook(count, with_kwargs=True)
+        with slowed(gen.model, 0.01):
+            jobs, sampled = [], []
+            for prompt, n in zip(prompts, lengths):
+                jobs.append(engine.stream(prompt, Settings(temperature=0, num_beams=1, max_new_tokens=n)))
+                sampled.append(engine.stream(prompt, Settings(temperature=1.5, top_p=0.9, top_k=0, num_beams=1, max_new_tokens=n)))
+                wait_until(lambda: jobs[-1].tokens, "the request never started")  # it joins a batch already running
+            for job in jobs + sampled:
+                "".join(job)
+        counter.remove()
+    assert [(j.completion.text, j.completion.completion_tokens, j.completion.finish_reason) for j in jobs] == \
+        [(c.text, c.completion_tokens, c.finish_reason) for c in alone]
+    assert [j.completion.completion_tokens for j in sampled] == lengths  # each its own max_tokens
+    assert max(widest) >= 4 and len(passes) < sum(lengths) * 2  # 10 answers, 82 tokens: passes shared
+    assert engine.busy == 0
+
+
+def test_beam_search_runs_whole_between_steps(gen):
+    engine = Engine(gen, max_running=4, max_waiting=4)
+    prompts = [gen.render(p) for p in PROMPTS[:2]]
+    beams = Settings(temperature=0, num_beams=3, max_new_tokens=6)
+    assert [c.text for c in engine.complete(prompts, beams)] == [c.text for c in gen.complete(prompts, beams)]
+
+
+def test_stopping_frees_the_place_of_a_running_and_a_waiting_request(gen):
+    engine = Engine(gen, max_running=1, max_waiting=1)
+    long = Settings(temperature=0, num_beams=1, max_new_tokens=200)
+    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.01):
+        running = engine.stream(gen.render("Hi."), long)
+        wait_until(lambda: running.tokens, "the first request never started")
+        waiting = engine.stream(gen.render("Hello."), long)
+        with pytest.raises(QueueFull, match="the server is busy"):  # one running, one waiting: full
+            engine.stream(gen.render("Hey."), long)
+        waiting.stop()
+        wait_until(lambda: waiting.done, "the waiting request was not dropped")
+        assert waiting.completion.completion_tokens == 0 and waiting.completion.finish_reason == "cancelled"
+        assert not running.done  # dropped from the queue, not waiting its turn
+        pieces = iter(running)
+        next(pieces)
+        pieces.close()  # the consumer leaves: the request stops
+        wait_until(lambda: engine.busy == 0, "the running request kept its place")
+    assert running.completion.finish_reason == "cancelled" and running.completion.completion_tokens < 200
+
+
+def test_a_stop_string_ends_the_answer_and_is_never_streamed(gen):
+    engine = Engine(gen, max_running=2, max_waiting=2)
+    free = engine.complete([gen.render("Tell me about alpacas.")], GREEDY)[0].text
+    stop = free[4:7]
+    job = engine.stream(gen.render("Tell me about alpacas."), GREEDY, stop_strings=[stop])
+    streamed = "".join(job)
+    assert streamed.strip() == free[:free.index(stop)].strip() and stop not in streamed
+    assert job.completion.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("text, stops, end", [
+    ("Alpacas are gen", ["gentle"], 12),  # "gen" may be the start of "gentle": held back
+    ("Alpacas are", ["gentle"], 11),
+    ("Alpacas g", ["gentle", "go"], 8),
+    ("", ["x"], 0),
+])
+def test_safe_end_holds_back_what_may_become_a_stop_string(text, stops, end):
+    assert safe_end(text, stops) == end
+
+
+def test_a_compiled_step_is_compiled_for_the_engine_at_start_not_at_a_request(tiny_model):
+    """After warm_up, a crowd joining and leaving the batch down to a lone row (the compiled step's shape) compiles
+    nothing more, and the lone row's greedy tokens are the eager ones."""
+    import torch._dynamo
+
+    gen = load_generator(str(tiny_model), device="cpu")
+    prompts = [gen.render(p) for p in PROMPTS]
+    settings = [Settings(temperature=0, num_beams=1, max_new_tokens=n) for n in (3, 6, 9, 12, 24)]
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        eager = gen.complete([prompts[-1]], settings[-1])[0]
+        gen.compile()
+        engine = Engine(gen, max_running=8, max_waiting=8)
+        engine.warm_up()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        jobs = [engine.stream(p, s) for p, s in zip(prompts, settings)]  # the last runs alone for its last 12 tokens
+        for job in jobs:
+            "".join(job)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert (jobs[-1].completion.text, jobs[-1].completion.completion_tokens) == (eager.text, eager.completion_tokens)
