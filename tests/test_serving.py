@@ -86,6 +86,37 @@ def test_stopping_frees_the_place_of_a_running_and_a_waiting_request(gen):
     assert running.completion.finish_reason == "cancelled" and running.completion.completion_tokens < 200
 
 
+def test_requests_arriving_during_a_prefill_may_fill_every_running_and_waiting_place(gen):
+    """While the loop prefills the first request, the next ones arrive: 2 running + 2 waiting places take all 4,
+    the 5th is turned away. (Counting only the queue turned away late arrivals that a free running place would
+    take: 4 of 40 in CI.)"""
+    import threading
+
+    engine = Engine(gen, max_running=2, max_waiting=2)
+    prefilling, release = threading.Event(), threading.Event()
+
+    def hold(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill, not a decoding step
+            prefilling.set()
+            release.wait(30)
+
+    hook = unwrapped(gen.model).register_forward_pre_hook(hold, with_kwargs=True)
+    try:
+        settings = Settings(temperature=0, num_beams=1, max_new_tokens=3)
+        jobs = [engine.stream(gen.render("Hi."), settings)]
+        assert prefilling.wait(30)
+        jobs += [engine.stream(gen.render(p), settings) for p in PROMPTS[1:4]]
+        with pytest.raises(QueueFull):
+            engine.stream(gen.render("Hey."), settings)
+        release.set()
+        answers = ["".join(job) for job in jobs]  # until each has ended
+        assert len(answers) == 4 and all(job.completion.finish_reason in ("stop", "length") for job in jobs)
+    finally:
+        release.set()
+        hook.remove()
+    assert engine.busy == 0
+
+
 def test_a_stop_string_ends_the_answer_and_is_never_streamed(gen):
     engine = Engine(gen, max_running=2, max_waiting=2)
     free = engine.complete([gen.render("Tell me about alpacas.")], GREEDY)[0].text

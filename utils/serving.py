@@ -153,6 +153,7 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.tasks: deque[tuple[Callable, Future]] = deque()  # whole generations (beam search) run between steps
         self.running: list[Job] = []
+        self.joining: list[Job] = []  # taken from the queue, being prefilled: neither waiting nor running yet
         self.cache, self.mask = None, None  # the batch's KV cache and attention mask, one row per running job
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
@@ -162,7 +163,7 @@ class Engine:
     def busy(self) -> int:
         """Requests queued or running: 0 once every request has ended or been dropped."""
         with self.lock:
-            return len(self.waiting) + len(self.running) + len(self.tasks)
+            return len(self.waiting) + len(self.joining) + len(self.running) + len(self.tasks)
 
     def stream(self, prompt: str, settings: Settings = Settings(), stop: Optional[threading.Event] = None,
                stop_strings: Sequence[str] = ()) -> Job:
@@ -210,7 +211,10 @@ class Engine:
         "".join(self.stream(render("Hi."), settings))  # alone
 
     def _check_room(self) -> None:
-        if len(self.waiting) + len(self.tasks) >= self.max_waiting:
+        # Running places that are free, or about to be (the loop has not taken the queue's head yet), count as room
+        # too: 40 requests at once on 8 running + 32 waiting places all get in, however the loop interleaves.
+        free = max(self.max_running - len(self.running) - len(self.joining), 0)
+        if len(self.waiting) + len(self.tasks) >= self.max_waiting + free:
             raise QueueFull(f"the server is busy: {self.max_running} answers are being generated and "
                             f"{self.max_waiting} wait; retry shortly")
 
@@ -222,13 +226,15 @@ class Engine:
                 self.lock.wait_for(lambda: self.waiting or self.running or self.tasks)
                 self._drop_stopped_waiting()
                 task = self.tasks.popleft() if self.tasks else None
-                joining = []
-                while self.waiting and len(self.running) + len(joining) < self.max_running:
-                    joining.append(self.waiting.popleft())
+                while self.waiting and len(self.running) + len(self.joining) < self.max_running:
+                    self.joining.append(self.waiting.popleft())
+                joining = list(self.joining)
             if task:
                 self._run_task(*task)
             if joining:
                 self._guarded(self._join, joining)
+                with self.lock:
+                    self.joining.clear()
             if self.running:
                 self._guarded(self._step)
 
@@ -269,6 +275,7 @@ class Engine:
             _in_flight.rows = None
         with self.lock:
             self.running.extend(jobs)
+            self.joining.clear()
         self.cache, self.mask = merge(self.cache, self.mask, out.cache, mask)
         self._advance(jobs, out.logits[:, -1, :], ids)
 
