@@ -128,6 +128,19 @@ def test_tokens_are_the_tokenizers_own_and_its_settings_are_left_alone(tokenizer
         assert rows[0]["input_ids"] == tok(text, truncation=True, max_length=128)["input_ids"]
 
 
+def test_a_padded_call_before_leaves_the_records_unpadded(tiny_model):
+    """A Generator pads its batches (padding=True), which the fast tokenizer's backend keeps as a setting: records
+    tokenized after it (evaluate.py, a test's perplexity) must not come out padded to the longest, nor that setting
+    be lost."""
+    tok = load_tokenizer(str(tiny_model))
+    records = [RECORD, dict(RECORD, output="A long answer about colours. " * 10)]
+    alone = [row["input_ids"] for row in tokenize(tok, records)]
+    tok(["a", "b c d e"], padding=True)
+    padding = tok.backend_tokenizer.padding
+    assert [row["input_ids"] for row in tokenize(tok, records)] == alone and len(alone[0]) < len(alone[1])
+    assert tok.backend_tokenizer.padding == padding
+
+
 def test_records_cut_before_their_response_are_dropped(tokenizer):
     long_prompt = dict(RECORD, input="word " * 400)
     assert len(tokenize(tokenizer, [long_prompt, RECORD], cutoff_len=128)) == 1

@@ -226,14 +226,19 @@ def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, 
 def encode_batch(tokenizer, texts: list[str], cutoff_len: int) -> list:
     """`texts` tokenized (special tokens added, cut at cutoff_len) by the fast tokenizer's Rust backend itself:
     transformers' wrapping of each record's result into Python lists took 12% of preparing a data set. The backend's
-    truncation setting is restored afterwards, since the tokenizer is shared."""
+    truncation and padding settings are restored afterwards, since the tokenizer is shared: a call with padding=True
+    (a Generator's batch) leaves the backend padding every batch to its longest row, which here would put pad tokens
+    inside records."""
     backend = tokenizer.backend_tokenizer
-    saved = backend.truncation
+    truncation, padding = backend.truncation, backend.padding
     backend.enable_truncation(cutoff_len)
+    backend.no_padding()
     try:
         return backend.encode_batch(texts, add_special_tokens=True)
     finally:
-        backend.no_truncation() if saved is None else backend.enable_truncation(**saved)
+        backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
 
 
 def reaches_a_span(encoding, spans: list[tuple[int, int]]) -> bool:
