@@ -10,6 +10,7 @@ own logits (logits_all). Writes benchmarks/results/gguf.json.
 """
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -101,7 +102,10 @@ def main(base_model: str = "", lora_weights: str = "", held_out: str = "", recor
     prompt = Prompter("alpaca").generate_prompt("Tell me about alpacas.")
     tokenizer = load_tokenizer(base)
     reference = hf_answer(base, lora_weights, prompt, tokens)
-    results = {"base_model": base_model or "embedded SmolLM2-135M-Instruct", "lora_weights": lora_weights,
+    from bench_train import cpu_model  # this folder, where the script runs from
+
+    results = {"cpu": cpu_model(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+               "base_model": base_model or "embedded SmolLM2-135M-Instruct", "lora_weights": lora_weights,
                "held_out": f"first {records} of {Path(held_out).name}", "prompt": prompt,
                "transformers_answer": tokenizer.decode(reference),
                # the base alone, to tell the adapter's behaviour from the base's

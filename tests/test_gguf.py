@@ -257,6 +257,6 @@ def test_bench_gguf_smoke(llama_cpp, tmp_path, tiny_model, adapters, alpaca_file
     main(str(tiny_model), str(adapters[tiny_model]), str(alpaca_file), records=3, tokens=4, types=["f32", "q8_0"],
          output=str(out))
     result = json.loads(out.read_text())
-    assert list(result["types"]) == ["f32", "q8_0"]
+    assert list(result["types"]) == ["f32", "q8_0"] and result["cpu"] and result["cpus"] >= 1  # the machine, recorded
     assert all(np.isfinite(t["perplexity"]) and t["size_mib"] > 0 for t in result["types"].values())
     assert result["types"]["f32"]["same_leading_tokens_as_transformers"] == result["types"]["f32"]["answer_tokens"]
