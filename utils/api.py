@@ -91,106 +91,142 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+@dataclass
+class Service:
+    """What the /v1 routes answer with: the model, its chat template, the demo's default settings, the API's limits,
+    the --auth credentials and the shared pool."""
+
+    generator: Generator
+    chat: ChatTemplate
+    defaults: Settings
+    api: ApiSettings
+    credentials: Optional[tuple[str, str]]
+    engine: Engine
+    created: int  # when the server started: /v1/models lists it as the model's creation time
+
+
 def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, api: ApiSettings,
                  credentials: Optional[tuple[str, str]] = None, engine: Optional[Engine] = None) -> APIRouter:
     """The /v1 routes; `defaults` supplies temperature, top_p and max_tokens when a request leaves them out;
     `engine`: the pool that generates the answers (the demo's, shared with its tabs; default: one of its own)."""
-    router = APIRouter(prefix="/v1")
     if engine is None:
         from utils.demo import MAX_RUNNING, MAX_WAITING
 
         engine = Engine(generator, MAX_RUNNING, MAX_WAITING)
-    created = int(time.time())
-
-    def check_auth(request: Request) -> None:
-        if not authorized(request, credentials):
-            raise ApiError(401, "missing or wrong API key: send the --auth password as the Bearer token (api_key)",
-                           "invalid_request_error", "invalid_api_key")
-
-    async def read_request(request: Request) -> ChatRequest:
-        if int(request.headers.get("content-length") or 0) > api.max_body_bytes:
-            raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
-        body = await request.body()
-        if len(body) > api.max_body_bytes:
-            raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
-        try:
-            return ChatRequest.model_validate(json.loads(body or b"null"))
-        except json.JSONDecodeError as err:
-            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
-                           param=".".join(map(str, first["loc"])) or None) from None
-
-    def prepare(req: ChatRequest) -> tuple[str, Settings]:
-        """The rendered prompt and the decoding settings, or the 400/413 that explains what is wrong."""
-        if req.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        try:
-            messages = parse_messages(req.messages, "messages")
-        except UserError as err:
-            raise ApiError(400, str(err), param="messages") from None
-        if messages[-1]["role"] != "user":
-            raise ApiError(400, "the last message should be the user's: it is what the model answers", param="messages")
-        asked = [n for n in (req.max_completion_tokens, req.max_tokens) if n is not None]
-        max_tokens = asked[0] if asked else min(defaults.max_new_tokens, api.max_tokens)
-        if max_tokens > api.max_tokens:
-            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {api.max_tokens}", param="max_tokens")
-        try:
-            settings = Settings(
-                temperature=defaults.temperature if req.temperature is None else req.temperature,
-                top_p=defaults.top_p if req.top_p is None else req.top_p,
-                top_k=defaults.top_k, num_beams=1, max_new_tokens=max_tokens,
-            ).checked()
-        except UserError as err:
-            raise ApiError(400, str(err)) from None
-        prompt = chat.render(messages, add_generation_prompt=True)
-        tokens = generator.prompt_tokens(prompt)
-        limit = api.max_input_tokens or generator.context_length
-        if limit and tokens > limit:
-            raise ApiError(413, f"the conversation is {tokens} tokens; this server accepts at most {limit}",
-                           code="request_too_large", param="messages")
-        try:
-            generator.check_length(tokens, max_tokens)
-        except PromptTooLong as err:
-            raise ApiError(400, str(err), code="context_length_exceeded", param="messages") from None
-        return prompt, settings
+    service = Service(generator, chat, defaults, api, credentials, engine, int(time.time()))
+    router = APIRouter(prefix="/v1")
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            check_auth(request)
-            req = await read_request(request)
-            prompt, settings = await run_in_threadpool(prepare, req)
-            job = submit(engine, prompt, settings, req.stop)
-        except ApiError as err:
-            return err.response()
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return JobResponse(job, events(job, api.model, include_usage), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-        try:
-            completion = await answered(job, request)
-        except Exception as err:
-            return ApiError(500, f"generation failed: {err}", "server_error").response()
-        if completion is None:  # the client has gone: nobody to answer
-            return Response(status_code=499)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": api.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "finish_reason": finish_reason(completion)}],
-            "usage": usage(completion),
-        }
+        return await answer_chat(service, request)
 
     @router.get("/models")
     async def models(request: Request):
-        try:
-            check_auth(request)
-        except ApiError as err:
-            return err.response()
-        return {"object": "list", "data": [{"id": api.model, "object": "model", "created": created, "owned_by": "alpaca-lora"}]}
+        return list_models(service, request)
 
     return router
+
+
+async def answer_chat(service: Service, request: Request):
+    """POST /v1/chat/completions: a streamed or whole answer, or the error that says what is wrong."""
+    try:
+        check_auth(service, request)
+        req = await read_request(request, service.api)
+        prompt, settings = await run_in_threadpool(prepare, service, req)
+        job = submit(service.engine, prompt, settings, req.stop)
+    except ApiError as err:
+        return err.response()
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return JobResponse(job, events(job, service.api.model, include_usage), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache"})
+    try:
+        completion = await answered(job, request)
+    except Exception as err:
+        return ApiError(500, f"generation failed: {err}", "server_error").response()
+    if completion is None:  # the client has gone: nobody to answer
+        return Response(status_code=499)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": service.api.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                     "finish_reason": finish_reason(completion)}],
+        "usage": usage(completion),
+    }
+
+
+def list_models(service: Service, request: Request):
+    """GET /v1/models: the one model this server answers as."""
+    try:
+        check_auth(service, request)
+    except ApiError as err:
+        return err.response()
+    return {"object": "list", "data": [{"id": service.api.model, "object": "model", "created": service.created,
+                                        "owned_by": "alpaca-lora"}]}
+
+
+def check_auth(service: Service, request: Request) -> None:
+    if not authorized(request, service.credentials):
+        raise ApiError(401, "missing or wrong API key: send the --auth password as the Bearer token (api_key)",
+                       "invalid_request_error", "invalid_api_key")
+
+
+async def read_request(request: Request, api: ApiSettings) -> ChatRequest:
+    """The body as a ChatRequest, or the 413/400 that says what is wrong with it."""
+    if int(request.headers.get("content-length") or 0) > api.max_body_bytes:
+        raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
+    body = await request.body()
+    if len(body) > api.max_body_bytes:
+        raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
+    try:
+        return ChatRequest.model_validate(json.loads(body or b"null"))
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
+                       param=".".join(map(str, first["loc"])) or None) from None
+
+
+def prepare(service: Service, req: ChatRequest) -> tuple[str, Settings]:
+    """The rendered prompt and the decoding settings, or the 400/413 that explains what is wrong."""
+    if req.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    try:
+        messages = parse_messages(req.messages, "messages")
+    except UserError as err:
+        raise ApiError(400, str(err), param="messages") from None
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message should be the user's: it is what the model answers", param="messages")
+    settings = request_settings(req, service.defaults, service.api)
+    prompt = service.chat.render(messages, add_generation_prompt=True)
+    generator = service.generator
+    tokens = generator.prompt_tokens(prompt)
+    limit = service.api.max_input_tokens or generator.context_length
+    if limit and tokens > limit:
+        raise ApiError(413, f"the conversation is {tokens} tokens; this server accepts at most {limit}",
+                       code="request_too_large", param="messages")
+    try:
+        generator.check_length(tokens, settings.max_new_tokens)
+    except PromptTooLong as err:
+        raise ApiError(400, str(err), code="context_length_exceeded", param="messages") from None
+    return prompt, settings
+
+
+def request_settings(req: ChatRequest, defaults: Settings, api: ApiSettings) -> Settings:
+    """The request's decoding settings, the demo's defaults where it leaves one out; one beam."""
+    asked = [n for n in (req.max_completion_tokens, req.max_tokens) if n is not None]
+    max_tokens = asked[0] if asked else min(defaults.max_new_tokens, api.max_tokens)
+    if max_tokens > api.max_tokens:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {api.max_tokens}", param="max_tokens")
+    try:
+        return Settings(
+            temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=defaults.top_p if req.top_p is None else req.top_p,
+            top_k=defaults.top_k, num_beams=1, max_new_tokens=max_tokens,
+        ).checked()
+    except UserError as err:
+        raise ApiError(400, str(err)) from None
 
 
 def submit(engine: Engine, prompt: str, settings: Settings, stop: Union[str, list[str], None]) -> Job:
