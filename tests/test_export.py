@@ -350,7 +350,7 @@ def test_cli_prints_one_line_error(tmp_path, tiny_model):
 
 
 def test_help_documents_every_flag():
-    """fire builds --help from the docstring's Args: every parameter of every export script is described there."""
+    """--help comes from the docstring's Args (utils.cli.help_text): every parameter of every export script is described there."""
     import inspect
 
     for name, export in exporters().items():

@@ -1,10 +1,11 @@
 """Command-line plumbing shared by every script: flags checked before anything runs, help, one-line errors.
 
 The flags keep fire's syntax (`--name value`, `--name=value`, `--flag` / `--noflag`, lists as `[a,b]`), which the
-original's users know. They are parsed and checked here, against the entry function's signature and type hints,
-*before* fire calls it: fire itself reports an unknown flag only after the function has returned (after a whole
-training run), lets a repeated flag win silently, and turns values into whatever they look like (`--bf16 maybe` is
-the string "maybe"). fire then runs the function with exactly the values parsed here.
+original's users know, and every entry is a plain function of keyword arguments (`fire.Fire(train)` still works on
+it). The command line is parsed once, here, against the entry's signature and type hints, and the entry is called
+with the values: fire itself reports an unknown flag only after the function has returned (after a whole training
+run), lets a repeated flag win silently, and turns values into whatever they look like (`--bf16 maybe` is the
+string "maybe").
 """
 
 import difflib
@@ -64,7 +65,7 @@ def check_writable(path: str, flag: str) -> None:
 
 
 def run(entry: Callable, argv: Optional[list[str]] = None) -> None:
-    """Parse and type-check the flags, then fire.Fire(entry) with them (each entry checks its values' ranges first,
+    """Parse and type-check the flags, then call `entry` with them (each entry checks its values' ranges first,
     with utils/checks.py); a UserError anywhere is `error: ...` on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     path = Path(sys.argv[0]).resolve()
@@ -73,11 +74,7 @@ def run(entry: Callable, argv: Optional[list[str]] = None) -> None:
         if "--help" in argv or "-h" in argv:
             print(help_text(entry, script))
             return
-        kwargs = parse_flags(entry, argv, script)
-        import fire
-
-        # repr() of every parsed value is a Python literal that fire turns back into exactly that value.
-        fire.Fire(entry, command=[f"--{name}={value!r}" for name, value in kwargs.items()], name=script)
+        entry(**parse_flags(entry, argv, script))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
