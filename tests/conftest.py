@@ -55,5 +55,24 @@ def alpaca_file(tmp_path) -> Path:
     return path
 
 
+# Tiers (docs/testing.md): `-m unit` is the fast tier a contributor runs on every change (no model is trained, no
+# server, subprocess, build, browser or Docker); integration tests train, serve and export tiny models; system tests
+# run the real outside runtimes and launchers (llama.cpp, a browser, Docker, torchrun/accelerate ranks); slow ones
+# are full-size runs on the embedded model. `python -m pytest -q` runs them all.
+INTEGRATION = {"test_bench", "test_chat_api", "test_cli", "test_evaluation", "test_export", "test_families",
+               "test_finetune", "test_generate"}
+SYSTEM = {"test_ddp", "test_default_path", "test_demo", "test_docker", "test_gguf", "test_scale"}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes minutes (deselected by default, run with -m slow)")
+    config.addinivalue_line("markers", "slow: a full-size run on the embedded model (minutes)")
+    config.addinivalue_line("markers", "unit: the fast tier (seconds each; -m unit runs it in under 2 minutes)")
+    config.addinivalue_line("markers", "integration: trains, serves or exports tiny models end to end")
+    config.addinivalue_line("markers", "system: real outside runtimes and launchers (llama.cpp, browser, Docker, ranks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        tier = "system" if module in SYSTEM else "integration" if module in INTEGRATION else "unit"
+        item.add_marker(tier)

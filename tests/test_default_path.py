@@ -2,7 +2,7 @@
 model, then evaluate, serve and export its adapter. Each result is checked against an independent computation
 (PEFT's base + adapter, the original's split and masking), not against this project's own code.
 
-Slow (the quick start trains the embedded SmolLM2): `.ci/run` runs it after the default suite."""
+Slow (the quick start trains the embedded SmolLM2): part of `python -m pytest -q`, which `.ci/run` runs."""
 
 import json
 import os
