@@ -28,8 +28,8 @@ from utils.cli import UserError, run  # noqa: E402
 from bench_generate import free_port, smoke_model  # noqa: E402  (this folder, where the script runs from)
 from bench_serving import isa_flags, request  # noqa: E402
 from bench_train import cpu_model, machine_name  # noqa: E402
+from utils.generation import COMPILED_LINE  # noqa: E402
 
-COMPILED_LINE = "Compiled decoding step in use"  # utils.generation prints it; kept here for older checkouts
 COMPILES_FIRST = "Compiling the decoding step (once, at start)"  # what the code before printed, then compiled
 LIMIT_S = 1200
 
