@@ -83,7 +83,7 @@ def main(
         api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
         bf16: bf16 weights (half the bytes to read per token); default: where the hardware computes bf16 natively (GPUs since Ampere, CPUs with AVX512-BF16 or AMX), else fp32 on CPU, fp16 on GPUs. False: fp32 on CPU, fp16 on GPUs.
-        compile: Compile the decoding step (torch.compile, warmed up at start: about a minute on 2 CPU cores) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
+        compile: Compile the decoding step (torch.compile) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); The demo answers at once, uncompiled, while the step compiles in the background (a minute or more on 2 CPU cores; it says when the compiled step is in use); --instruction/--input_file compile it first. Default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
         threads: CPU threads computing the model; 0: the physical cores, less one for the demo (streaming needs a core of its own).
     """
     from utils.checks import check_values
@@ -116,7 +116,8 @@ def main(
     dtype = pick_dtype(device, bf16) if quantization == "none" else None
     compile = compile_decoding(compile, device == "cpu" and not batch_mode and quantization == "none")
     generator = load_generator(base_model, lora_weights, quantization, device, prompt_template,
-                               chat_template=None if batch_mode else chat_template, dtype=dtype, compile=compile)
+                               chat_template=None if batch_mode else chat_template, dtype=dtype, compile=compile,
+                               compile_in_background=not batch_mode)
     if batch_mode:
         answer_records(generator, records, settings, batch_size, output_file, plain=bool(instruction) and not output_file)
         return

@@ -86,3 +86,20 @@ def test_generate_smoke_serves_every_configuration_and_scenario(tmp_path):
         assert set(scenarios) == set(bench_generate.SCENARIOS), config
         assert scenarios["api greedy"]["tokens"] > 1 and scenarios["api greedy"]["first_token_s"] > 0
     assert report["fp32_greedy_identical"] is True
+
+
+# --- benchmarks/bench_start.py ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_start_smoke_answers_before_the_compiled_step_is_in_use(tmp_path):
+    """generate.py as started by default serves before its compiled step is in use, cold and warm."""
+    out = tmp_path / "start.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_start.py", "--smoke", "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert "cpu" in report and "avx512_bf16" in report
+    for cache in ("cold", "warm"):
+        [run] = report["runs"]["after"][cache]
+        assert not run["compiled_before_serving"] and run["answer_tokens"] > 0
+        assert run["page_s"] <= run["first_token_s"] <= run["answer_s"] and run["compiled_s"] > 0

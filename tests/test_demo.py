@@ -154,6 +154,36 @@ def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
     assert alice.predict(*ask("Still there?"), api_name="/generate") == "You asked: Still there?"  # stop is not sticky
 
 
+def test_the_demo_answers_while_its_decoding_step_compiles(tiny_model, monkeypatch):
+    """generate.py's default on CPU: the page answers before the compiled step is ready (inductor is held back here),
+    and after the switch the same greedy answer comes through the compiled step."""
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    torch._dynamo.reset()  # compile anew, not from the graphs an earlier test compiled in this process
+    reached, go, real = threading.Event(), threading.Event(), torch._inductor.compile_fx.compile_fx
+
+    def held_back(*args, **kwargs):
+        reached.set()
+        assert go.wait(120), "the test never let the compiler go on"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", held_back)
+    compiling = load_generator(str(tiny_model), device="cpu", compile=True, compile_in_background=True)
+    app = demo.build_app(compiling, DEFAULTS, title="tiny")
+    with serving(app) as url:
+        assert reached.wait(120), "the compiler never started"
+        during = client(url).predict(*ask("Tell me about alpacas.", max_new_tokens=12), api_name="/generate")
+        assert not compiling.compiled  # answered while inductor waits
+        go.set()
+        deadline = time.time() + 300
+        while not compiling.compiled:
+            assert time.time() < deadline, "the compiled step never came into use"
+            time.sleep(0.1)
+        after = client(url).predict(*ask("Tell me about alpacas.", max_new_tokens=12), api_name="/generate")
+    assert during and after == during
+
+
 def test_the_page_says_what_beam_search_costs(gen):
     app = demo.build_app(gen, DEFAULTS, title="tiny")
     beams = [c["props"] for c in app.config["components"] if c.get("props", {}).get("label") == "Beams"]

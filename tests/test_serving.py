@@ -1,6 +1,7 @@
 """utils.serving.Engine, the server's one pool, on the tiny model: batched answers equal unbatched ones, requests
 join and leave the batch between steps, each with its own settings, and stopped requests free their place."""
 
+import threading
 import time
 
 import pytest
@@ -155,4 +156,52 @@ def test_a_compiled_step_is_compiled_for_the_engine_at_start_not_at_a_request(ti
         for job in jobs:
             "".join(job)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert (jobs[-1].completion.text, jobs[-1].completion.completion_tokens) == (eager.text, eager.completion_tokens)
+
+
+def test_the_engine_answers_while_its_step_compiles_then_switches_between_steps(tiny_model, monkeypatch):
+    """compile_in_background: with the compiler held back in the middle of compiling (dynamo has traced, inductor
+    waits), a request is answered, token for token the eager answer; once the compiled step is in use, a crowd
+    joining and leaving compiles nothing more, and the lone row's greedy tokens are still the eager ones."""
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    torch._dynamo.reset()  # compile anew, not from the graphs an earlier test compiled in this process
+    reached, go, real = threading.Event(), threading.Event(), torch._inductor.compile_fx.compile_fx
+
+    def held_back(*args, **kwargs):
+        reached.set()
+        assert go.wait(120), "the test never let the compiler go on"
+        return real(*args, **kwargs)
+
+    calls, real_compile = [], torch.compile
+
+    def counted_compile(fn, **kwargs):  # which threads run the compiled step
+        compiled = real_compile(fn, **kwargs)
+        return lambda *a, **kw: calls.append(threading.current_thread()) or compiled(*a, **kw)
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", held_back)
+    monkeypatch.setattr(torch, "compile", counted_compile)
+    gen = load_generator(str(tiny_model), device="cpu", compile=True, compile_in_background=True)
+    assert gen.compile_pending and not gen.compiled  # nothing compiled at load
+    prompts = [gen.render(p) for p in PROMPTS]
+    settings = [Settings(temperature=0, num_beams=1, max_new_tokens=n) for n in (3, 6, 9, 12, 24)]
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        eager = gen.complete([prompts[-1]], settings[-1])[0]
+        engine = Engine(gen, max_running=8, max_waiting=8)
+        compiling = engine.compile_in_background()
+        assert reached.wait(120), "the compiler never started"
+        during = engine.complete([prompts[-1]], settings[-1])[0]
+        assert compiling.is_alive() and not gen.compiled  # answered before the compiled step was ready
+        go.set()
+        compiling.join(300)
+        assert gen.compiled and not gen.compile_pending
+        assert engine.thread not in calls  # the warm-up ran on a thread of its own
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        jobs = [engine.stream(p, s) for p, s in zip(prompts, settings)]  # the last runs alone for its last 12 tokens
+        for job in jobs:
+            "".join(job)
+    assert (during.text, during.completion_tokens) == (eager.text, eager.completion_tokens)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert calls.count(engine.thread) >= 12  # the lone row's steps went through the compiled step
     assert (jobs[-1].completion.text, jobs[-1].completion.completion_tokens) == (eager.text, eager.completion_tokens)

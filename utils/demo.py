@@ -136,7 +136,7 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
     chat = chat or load_chat_template("", generator.tokenizer)
     stops = SessionStops()
     engine = Engine(generator, max_running=concurrency_limit, max_waiting=max_queue)
-    if generator.compiled:
+    if generator.compiled and not generator.compile_pending:
         engine.warm_up()
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
         gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions and chats, answers stream as they are written.")
@@ -170,6 +170,8 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
 
         app.openai_routes = lambda credentials: build_router(generator, chat, defaults, api, credentials, engine).routes
     app.engine = engine
+    if generator.compile_pending:  # after the page is built: it answers at once, uncompiled until the step is ready
+        engine.compile_in_background()
     # Gradio's queue only hands the tabs' requests to the engine, whose queue is the one that orders them.
     return app.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
 

@@ -65,6 +65,10 @@ class Completion:
     finish_reason: str
 
 
+# What the server prints once its compiled decoding step is in use (benchmarks/bench_start.py waits for it).
+COMPILED_LINE = "Compiled decoding step in use"
+
+
 class PromptTooLong(UserError):
     """The prompt plus max_new_tokens does not fit in the model's context window."""
 
@@ -89,12 +93,18 @@ class Generator:
         self.prompter = prompter
         self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
         self.base_model = ""  # the base's name as chosen (models.choose_base_model), "" for the embedded model
-        self.compiled = False  # whether compile() made the one-sequence decoding step a compiled graph
+        self.compiled = False  # whether the compiled one-sequence decoding step (compile()) is in use
+        # load_generator(compile_in_background=True): the server's Engine.compile_in_background compiles it
+        self.compile_pending = False
+        self._here = threading.local()  # .compiled: this thread uses the compiled step before it is in use
 
-    def compile(self) -> None:
-        """Compile the one-token decoding step of one sequence (what streaming, the API and --instruction run) and
-        warm it up now, so that no request waits for the compiler. Prompts, beams and batches stay eager: their
-        shapes would each cost a compilation in the middle of serving."""
+    def compile(self, now: bool = True) -> None:
+        """Compile the one-token decoding step of one sequence (what streaming, the API and --instruction run).
+        Prompts, beams and batches stay eager: their shapes would each cost a compilation in the middle of serving.
+
+        now: warm it up and put it in use before returning, so that no request waits for the compiler. False: only
+        a thread inside `compiled_here()` (a warm-up) uses it until `compiled` is set, which each forward pass reads
+        once: how a server puts it in use between two steps while it answers (serving.Engine.compile_in_background)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         model = unwrapped(self.model)
@@ -116,11 +126,22 @@ class Generator:
         def forward(*args, **kwargs):
             ids = kwargs.get("input_ids")
             one_token = ids is not None and tuple(ids.shape) == (1, 1) and not torch.is_grad_enabled()
-            return (compiled if one_token else eager)(*args, **kwargs)
+            in_use = self.compiled or getattr(self._here, "compiled", False)
+            return (compiled if one_token and in_use else eager)(*args, **kwargs)
 
         model.forward = forward
-        self.compiled = True
-        self.complete([self.render("Hi.")], Settings(temperature=0, num_beams=1, max_new_tokens=3))
+        if now:
+            self.compiled = True
+            self.complete([self.render("Hi.")], Settings(temperature=0, num_beams=1, max_new_tokens=3))
+
+    @contextlib.contextmanager
+    def compiled_here(self) -> Iterator[None]:
+        """Within it, this thread's one-token steps go through the compiled step even before it is in use."""
+        self._here.compiled = True
+        try:
+            yield
+        finally:
+            self._here.compiled = False
 
     @property
     def context_length(self) -> Optional[int]:
@@ -304,13 +325,14 @@ def compile_decoding(asked: Optional[bool], default: bool) -> bool:
 
 def load_generator(base_model: str = "", lora_weights: str = "", quantization: str = "none", device: str = "auto",
                    prompt_template: str = "", chat_template: Optional[str] = "", dtype: Optional[torch.dtype] = None,
-                   compile: bool = False) -> Generator:
+                   compile: bool = False, compile_in_background: bool = False) -> Generator:
     """Base model (+ LoRA adapter) ready to generate; every user mistake raises a one-line UserError first.
 
     What is left empty is what the adapter was trained with: the base (models.choose_base_model), the prompt template
     (else alpaca) and the chat template (chat.trained_chat_template) with which `generator.chat` renders
     conversations; `chat_template` None: no chat. `dtype`: the unquantized weights' dtype (default: full precision on
-    CPU, models.pick_dtype on GPUs); `compile`: Generator.compile."""
+    CPU, models.pick_dtype on GPUs); `compile`: Generator.compile, now, or with `compile_in_background` later, by the
+    server that answers meanwhile (serving.Engine.compile_in_background)."""
     from utils import models
     from utils.chat import trained_chat_template
 
@@ -340,7 +362,11 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
     generator = Generator(model, tokenizer, prompter)
     generator.chat = chat
     generator.base_model = base_model
-    if compile:
+    if compile and compile_in_background:
+        print("The decoding step compiles in the background: answers are uncompiled until it is in use",
+              file=sys.stderr, flush=True)
+        generator.compile_pending = True
+    elif compile:
         print("Compiling the decoding step (once, at start)", file=sys.stderr, flush=True)
         generator.compile()
     return generator

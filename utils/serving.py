@@ -10,7 +10,10 @@ needs any more are trimmed. Beam search does not fit this loop: such requests ru
 
 import asyncio
 import dataclasses
+import sys
 import threading
+import time
+import traceback
 from collections import deque
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
@@ -19,7 +22,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from utils.cli import UserError
-from utils.generation import Completion, Generator, Settings, unwrapped
+from utils.generation import COMPILED_LINE, Completion, Generator, Settings, unwrapped
 
 
 class QueueFull(UserError):
@@ -145,8 +148,9 @@ def safe_end(text: str, stops: Sequence[str]) -> int:
 class Engine:
     """The shared pool: `stream` / `complete` queue requests, one background thread decodes them in batches."""
 
-    def __init__(self, generator: Generator, max_running: int, max_waiting: int):
-        self.generator = generator
+    def __init__(self, generator: Generator, max_running: int, max_waiting: int, compiled_here: bool = False):
+        """compiled_here: this engine's thread uses the generator's compiled step before it is in use (a warm-up)."""
+        self.generator, self.compiled_here, self.closed = generator, compiled_here, False
         self.max_running, self.max_waiting = max_running, max_waiting
         self.model = unwrapped(generator.model)  # LoRA layers live inside it: PEFT's wrapper adds nothing to a step
         self.eos = generator.eos_ids()
@@ -210,6 +214,44 @@ class Engine:
             "".join(job)
         "".join(self.stream(render("Hi."), settings))  # alone
 
+    def compile_in_background(self) -> threading.Thread:
+        """Compile the decoding step (Generator.compile(now=False)) while this engine answers uncompiled, then put
+        it in use: no request waits for the compiler.
+
+        The compiling thread warms the step up on a private engine (its own generation thread, the same code as
+        this one's, hence the graphs this one needs), never in this engine's thread. The switch is
+        `generator.compiled`, read once per forward pass, so it takes effect between two steps. While dynamo traces,
+        two process-wide settings reach this engine's eager passes too, torch.compiler.is_compiling() and the SDPA
+        backends: for those moments they take equivalent kernels (transformers' packed GQA, math attention), and a
+        sampling request's random state may be rewound. A failure is printed and the server goes on uncompiled."""
+        def work() -> None:
+            started = time.perf_counter()
+            try:
+                self.generator.compile(now=False)
+                private = Engine(self.generator, max_running=2, max_waiting=4, compiled_here=True)
+                try:
+                    private.warm_up()
+                finally:
+                    private.close()
+            except Exception:  # noqa: BLE001 - eager answers go on: slower, not wrong
+                traceback.print_exc()
+                print("Compiling the decoding step failed (above): answers stay uncompiled", file=sys.stderr, flush=True)
+                return
+            self.generator.compiled, self.generator.compile_pending = True, False
+            print(f"{COMPILED_LINE} (compiled and warmed up in {time.perf_counter() - started:.0f} s while answering)",
+                  file=sys.stderr, flush=True)
+
+        thread = threading.Thread(target=work, name="compile", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        """End the generation thread once every request queued so far has ended."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
+        self.thread.join()
+
     def _check_room(self) -> None:
         # Running places that are free, or about to be (the loop has not taken the queue's head yet), count as room
         # too: 40 requests at once on 8 running + 32 waiting places all get in, however the loop interleaves.
@@ -221,9 +263,18 @@ class Engine:
     # --- the generation thread ------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.compiled_here:
+            with self.generator.compiled_here():
+                self._serve()
+        else:
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.lock:
-                self.lock.wait_for(lambda: self.waiting or self.running or self.tasks)
+                self.lock.wait_for(lambda: self.waiting or self.running or self.tasks or self.closed)
+                if self.closed and not (self.waiting or self.running or self.tasks):
+                    return
                 self._drop_stopped_waiting()
                 task = self.tasks.popleft() if self.tasks else None
                 while self.waiting and len(self.running) + len(self.joining) < self.max_running:
