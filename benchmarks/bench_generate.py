@@ -28,7 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
-from utils.generation import COMPILED_LINE  # noqa: E402
 from bench_train import cpu_model, machine_name  # noqa: E402  (this folder, where the script runs from)
 
 INSTRUCTION = "Tell me about alpacas."
@@ -78,6 +77,14 @@ class Timer:
         return dict(first_token_s=round(first - self.start, 3) if first else None, tokens=self.tokens,
                     decode_tokens_per_s=round(decode, 1) if decode else None,
                     total_s=round((last or time.perf_counter()) - self.start, 3))
+
+
+
+def compiled_line() -> str:
+    """What the server prints once its compiled step is in use (imported here, not at the top: --help loads no torch)."""
+    from utils.generation import COMPILED_LINE
+
+    return COMPILED_LINE
 
 
 def tab_request(client, tokenizer, sampling: dict, stream: bool, max_new_tokens: int) -> dict:
@@ -170,7 +177,7 @@ class Server:
         while self.compiling():  # the demo answers before its compiled step is in use: time that step, not eager
             self.check_alive()
             time.sleep(0.5)
-        self.info["compiled_s"] = round(time.perf_counter() - started, 1) if COMPILED_LINE in self.output() else None
+        self.info["compiled_s"] = round(time.perf_counter() - started, 1) if compiled_line() in self.output() else None
         self.client = Client(self.url, verbose=False)
         self.run("tab greedy", 2)  # connections made, the server's first-request work done
         self.run("api greedy", 2)
@@ -187,7 +194,7 @@ class Server:
     def compiling(self) -> bool:
         """Whether the server compiles its decoding step in the background and has not put it in use yet."""
         out = self.output()
-        return "compiles in the background" in out and COMPILED_LINE not in out and "Compiling the decoding step failed" not in out
+        return "compiles in the background" in out and compiled_line() not in out and "Compiling the decoding step failed" not in out
 
     def answers(self) -> bool:
         import urllib.request

@@ -25,10 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from utils.cli import UserError, run  # noqa: E402
-from bench_generate import free_port, smoke_model  # noqa: E402  (this folder, where the script runs from)
+from bench_generate import compiled_line, free_port, smoke_model  # noqa: E402  (this folder, where the script runs from)
 from bench_serving import isa_flags, request  # noqa: E402
 from bench_train import cpu_model, machine_name  # noqa: E402
-from utils.generation import COMPILED_LINE  # noqa: E402
 
 COMPILES_FIRST = "Compiling the decoding step (once, at start)"  # what the code before printed, then compiled
 LIMIT_S = 1200
@@ -89,8 +88,8 @@ def one_start(code: Path, flags: list[str], cache: Path) -> dict:
         answer = request(server.url, 16)
         if answer.get("status") != 200 or not answer.get("first_token_s"):
             raise SystemExit(f"the first request failed: {answer}")
-        compiles_first = server.seen(COMPILES_FIRST) is not None and server.seen(COMPILED_LINE) is None
-        compiled_s = page_s if compiles_first else server.wait_for(COMPILED_LINE)
+        compiles_first = server.seen(COMPILES_FIRST) is not None and server.seen(compiled_line()) is None
+        compiled_s = page_s if compiles_first else server.wait_for(compiled_line())
         return dict(page_s=page_s, first_token_s=round(sent + answer["first_token_s"], 1), answer_s=round(answer["end"] - server.started, 1),
                     answer_tokens=answer["tokens"], compiled_s=compiled_s, compiled_before_serving=compiles_first,
                     load_average=[round(load, 1), round(os.getloadavg()[0], 1)])

@@ -16,7 +16,7 @@ from tiny import REPO
 
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
            "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py",
-           "benchmarks/bench_serving.py"]
+           "benchmarks/bench_serving.py", "benchmarks/bench_start.py"]
 # What loading a model (every model class builds on transformers.modeling_utils) or adapting one imports. A mistake
 # is answered before any of it: loading is the work that takes seconds to minutes, and these imports alone take seconds.
 MODEL_CODE = {"transformers.modeling_utils", "peft"}
