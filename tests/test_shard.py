@@ -92,6 +92,8 @@ def zero3(tmp_path) -> list[str]:
 
 
 def assert_rank1_never_holds_a_copy(big, tiny):
+    print("model copies, rank 1 sharded / whole run beyond the tiny run:", round(big[1]["sharded"], 2),
+          round(big[1]["sharded"] - tiny[1]["sharded"], 2), round(big[1]["end"] - tiny[1]["end"], 2))
     assert big[0]["sharded"] > 1.0, big  # rank 0 read the whole checkpoint: the measure sees a copy
     assert big[1]["sharded"] < LOADED_LIMIT, big
     assert big[1]["end"] - tiny[1]["end"] < RUN_LIMIT, (big, tiny)
@@ -180,6 +182,21 @@ def test_prequantized_base_is_refused_under_sharding(tiny_model, alpaca_file, tm
     with pytest.raises(UserError, match="the base is pre-quantized \\(gptq\\): FSDP cannot shard"):
         finetune.train(base_model=str(base), data_path=str(alpaca_file), output_dir=str(tmp_path / "out"),
                        quantization="none")
+
+
+def test_memory_table_is_what_the_calculator_computes_and_agrees_with_the_cpu_runs():
+    """docs/scale.md's table comes from benchmarks/results/memory.json (report.py); the file must be what
+    benchmarks/memory.py computes, and its arithmetic must agree with what the slow tests above measured."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import memory
+
+    assert json.loads(memory.RESULT.read_text()) == json.loads(json.dumps(memory.results())), (
+        "benchmarks/results/memory.json is stale: run python benchmarks/memory.py && python benchmarks/report.py")
+    for launcher, check in memory.cpu_check().items():
+        assert check["measured_run"] == pytest.approx(check["predicted_run"], abs=0.1), (launcher, check)
+        assert check["measured_sharded"] == pytest.approx(check["predicted_sharded"], abs=0.1), (launcher, check)
+    rows = {(r["model"], r["launcher"], r["precision"]): r for r in memory.results()["per_gpu"]}
+    assert rows["70B", "fsdp", "bf16"]["train_checkpointing_gib"] < 80 < rows["70B", "ddp", "bf16"]["loading_gib"]
 
 
 def test_auto_quantization_is_16_bit_under_sharded_launchers():

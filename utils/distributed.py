@@ -135,6 +135,10 @@ def record_memory(stage: str) -> None:
     path = Path(folder) / f"rank-{rank()}.json"
     figures = json.loads(path.read_text()) if path.is_file() and stage != "start" else {}
     figures[stage] = {"rss_kib": memory_kib("VmRSS"), "peak_kib": memory_kib("VmHWM")}
+    import torch
+
+    if torch.cuda.is_available():  # on GPUs, the figure the memory table (benchmarks/memory.py) predicts
+        figures[stage]["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     Path(folder).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=1))
 
