@@ -86,7 +86,7 @@ def train(
         resume_from_checkpoint: A checkpoint-N dir (full resume), True (the latest in output_dir), or an adapter dir (new run from its weights).
         prompt_template_name: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path.
         chat_template: How conversation data (ShareGPT/OpenAI records) is rendered: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the tokenizer's if it has one, else alpaca_chat.
-        quantization: auto (8bit on CUDA, none elsewhere) | 8bit | 4bit (QLoRA NF4) | none.
+        quantization: auto (8bit on CUDA, none elsewhere and under FSDP/ZeRO-3) | 8bit | 4bit (QLoRA NF4; sharded under FSDP/ZeRO-3) | none.
         column_map: Rename data columns, e.g. question=instruction,answer=output.
         max_steps: Stop after this many optimizer steps (overrides num_epochs when > 0).
         warmup_steps: Linear warm-up steps (at most a tenth of the run, so short runs reach the learning rate).
