@@ -15,6 +15,9 @@ def export(
 ):
     """Save base + adapter, merged, as safetensors shards with the tokenizer and generation config.
 
+    A base in local safetensors files is merged tensor by tensor on the CPU (utils/merge_shards.py): memory stays
+    near one --max_shard_size shard, so a 70B exports on a machine that could never load it.
+
     Args:
         base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
@@ -27,13 +30,16 @@ def export(
 
     check_values(locals())  # first, before the imports below take their seconds
     from utils import export as ex
+    from utils.merge_shards import merge_by_shards
 
     with ex.atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
         base_model, base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
         torch_dtype = ex.resolve_dtype(dtype, config)
         log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(torch_dtype)}")
-        model = ex.load_merged(base_path, adapter, torch_dtype)
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if not merge_by_shards(ex.local_dir(base_path), adapter, torch_dtype, tmp, max_shard_size):
+            log("Merging on the whole model (this base or adapter cannot be merged file by file)")
+            model = ex.load_merged(base_path, adapter, torch_dtype)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         ex.save_tokenizer(base_path, tmp)
     log(f"Saved the merged model to {output_dir}")
 

@@ -86,7 +86,7 @@ def train(
         resume_from_checkpoint: A checkpoint-N dir (full resume), True (the latest in output_dir), or an adapter dir (new run from its weights).
         prompt_template_name: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path.
         chat_template: How conversation data (ShareGPT/OpenAI records) is rendered: tokenizer (its own chat template), alpaca_chat or another template with user/assistant keys; default: the tokenizer's if it has one, else alpaca_chat.
-        quantization: auto (8bit on CUDA, none elsewhere) | 8bit | 4bit (QLoRA NF4) | none.
+        quantization: auto (8bit on CUDA, none elsewhere and under FSDP/ZeRO-3) | 8bit | 4bit (QLoRA NF4; sharded under FSDP/ZeRO-3) | none.
         column_map: Rename data columns, e.g. question=instruction,answer=output.
         max_steps: Stop after this many optimizer steps (overrides num_epochs when > 0).
         warmup_steps: Linear warm-up steps (at most a tenth of the run, so short runs reach the learning rate).
@@ -109,11 +109,10 @@ def train(
     check_values(arguments)
     import torch
 
-    from utils import models, training
-    from utils.distributed import check_launcher, gather_adapter
+    from utils import distributed, models, training
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    check_launcher()
+    distributed.check_launcher()
     target_modules = parse_target_modules(lora_target_modules)
     grad_accum = training.check_batch_sizes(batch_size, micro_batch_size, world_size)
     if device_map == "auto" and world_size > 1:
@@ -121,7 +120,8 @@ def train(
     prompter = Prompter(prompt_template_name)
     report_to = reporting(wandb_project, wandb_watch, wandb_log_model, tensorboard)
     device = models.pick_device("auto")
-    quantization = models.pick_quantization(quantization, device)
+    shard = distributed.sharding(device)  # "fsdp" or "zero3": the launcher shards the base over the processes
+    quantization = models.pick_quantization(quantization, device, sharded=bool(shard))
     dtype = models.pick_dtype(device, bf16, training=True)
     records = load_records(data_path, column_map)
     val_size = resolve_val_set_size(val_set_size, len(records))
@@ -134,6 +134,7 @@ def train(
     base_path = models.resolve_base_model(base_model)
     models.check_cutoff_len(base_path, cutoff_len)
     models.check_target_modules(base_path, target_modules)
+    distributed.check_sharded_quantization(shard, quantization, models.read_config(base_path), dtype)
     if warm_start:
         models.check_adapter_fits(base_path, warm_start)
     tokenizer = models.load_tokenizer(base_path)
@@ -169,27 +170,30 @@ def train(
         f"({'not quantized' if quantization == 'none' else quantization}, {str(dtype).removeprefix('torch.')})")
     if device == "cpu":
         log(models.cpu_precision_note(dtype))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device_map = device_map or ({"": local_rank} if world_size > 1 and device == "cuda" else None)
-    from utils import packing as packed_attention
-
-    per_record = packing and packed_attention.supports(models.read_config(base_path))
-    model = models.load_model(base_path, quantization, device, device_map=device_map, dtype=dtype,
-                              attn_implementation=packed_attention.NAME if per_record else None)
+    settings = dict(
+        total_steps=total_steps, micro_batch_size=micro_batch_size, grad_accum=grad_accum, num_epochs=num_epochs,
+        max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps, save_steps=save_steps,
+        logging_steps=logging_steps, group_by_length=group_by_length, packing=packing,
+        gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile, bf16=bf16, report_to=report_to,
+        run_name=wandb_run_name or None, seed=seed, world_size=world_size,
+    )
+    # Before the model loads: the arguments start the process group and, for ZeRO-3, DeepSpeed's config, which
+    # from_pretrained reads to load the weights partitioned (zero.Init) instead of whole on every process.
+    args = training_arguments(out, device, validate=val_data is not None, **settings)
+    distributed.record_memory("start")
+    model = load_base(base_path, quantization, device, dtype, shard, device_map, packing)
+    distributed.record_memory("loaded")
     from transformers import set_seed
 
     set_seed(seed)  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
-    model = wrap_lora(model, quantization, warm_start, gradient_checkpointing,
+    model = wrap_lora(model, quantization, warm_start, gradient_checkpointing, sharded=bool(shard),
                       r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
+    if distributed.loads_empty(shard):
+        distributed.materialize_trainable(model)
 
-    trainer = build_trainer(
-        model, tokenizer, train_data, val_data, out, device, total_steps=total_steps,
-        micro_batch_size=micro_batch_size, grad_accum=grad_accum, num_epochs=num_epochs, max_steps=max_steps,
-        learning_rate=learning_rate, warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=logging_steps,
-        group_by_length=group_by_length, packing=packing, gradient_checkpointing=gradient_checkpointing,
-        torch_compile=torch_compile, bf16=bf16, report_to=report_to,
-        run_name=wandb_run_name or None, seed=seed, world_size=world_size,
-    )
+    trainer = build_trainer(model, tokenizer, train_data, val_data, out, device, args=args, **settings)
+    if distributed.memory_callback():
+        trainer.add_callback(distributed.memory_callback())
     out.mkdir(parents=True, exist_ok=True)
     result = trainer.train(resume_from_checkpoint=checkpoint)
 
@@ -198,13 +202,15 @@ def train(
         # The adapter that is saved is the best one, reloaded at the end. The Trainer has already validated the last
         # step (and every checkpoint), so the best loss is known: no second validation pass at the end.
         metrics["final_eval_loss"] = trainer.state.best_metric
-    state_dict = gather_adapter(trainer)  # on every rank: FSDP and ZeRO-3 hold the weights in shards
+    state_dict = distributed.gather_adapter(trainer)  # on every rank: FSDP and ZeRO-3 hold the weights in shards
     if trainer.is_world_process_zero():
         from utils.metrics import write_reports
 
         save_run(trainer, tokenizer, out, arguments, state_dict, models.base_model_name(base_model))
         write_reports(trainer.state.log_history, metrics, out,
                       f"LoRA r={lora_r} on {Path(models.base_model_name(base_model)).name}")
+    trainer.accelerator.wait_for_everyone()  # no rank leaves (and tears the process group down) mid-save
+    distributed.record_memory("end")
     log(f"Saved the LoRA adapter to {out}")
 
 
@@ -236,15 +242,38 @@ def reporting(wandb_project: str, wandb_watch: str, wandb_log_model: str, tensor
     return report_to or ["none"]
 
 
-def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_checkpointing: bool, **lora):
+def load_base(base_path: str, quantization: str, device: str, dtype, shard: str, device_map: str, packing: bool):
+    """The frozen base: whole on this process's device (one process, DDP), spread over the GPUs (--device_map auto),
+    or as the sharded launchers need it: on rank 0 only under FSDP (the others start empty and receive their
+    shards), partitioned as it loads under ZeRO-3 (zero.Init)."""
+    from utils import distributed, models
+    from utils import packing as packed_attention
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not device_map and not shard and world_size > 1 and device == "cuda":
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}  # DDP: a whole copy on each process's own GPU
+    per_record = packing and packed_attention.supports(models.read_config(base_path))
+    attention = packed_attention.NAME if per_record else None
+    if distributed.loads_empty(shard) and quantization == "none":
+        return models.load_empty_model(base_path, dtype, attention)
+    return models.load_model(base_path, quantization, device, device_map=device_map or None, dtype=dtype,
+                             attn_implementation=attention, sharded=bool(shard))
+
+
+def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_checkpointing: bool, sharded: bool = False,
+              **lora):
     """Add trainable LoRA layers (or load an adapter's weights to continue from) on top of the frozen base."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from utils.models import load_adapter
 
-    if quantization != "none":
+    if quantization != "none" and not sharded:
         # Casts norms to fp32 and enables input gradients: what 8-bit/4-bit LoRA needs to train stably.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif quantization != "none" and gradient_checkpointing:
+        # Sharded 4-bit: every frozen weight keeps the storage dtype the launcher shards and casts (fp32 norms
+        # would break that rule); only the input gradients that checkpointing needs are switched on.
+        model.enable_input_require_grads()
     model.config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
     if warm_start:
         model = load_adapter(model, warm_start, trainable=True)
@@ -257,21 +286,43 @@ def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_chec
     return model
 
 
-def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, total_steps, micro_batch_size, grad_accum,
-                  num_epochs, max_steps, learning_rate, warmup_steps, save_steps, logging_steps, group_by_length,
-                  packing, gradient_checkpointing, torch_compile, report_to, run_name, seed, world_size, bf16=None):
-    """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard."""
-    import torch
-    from transformers import Trainer, TrainingArguments
+def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, args=None, **settings):
+    """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard. `settings`:
+    training_arguments' keywords; `args`: those arguments, already built from them (finetune.py builds them
+    before the model loads)."""
+    from transformers import Trainer
 
-    from utils import models
     from utils.metrics import LossGuard, ProgressReport
     from utils.training import data_collator
+
+    args = args or training_arguments(out, device, validate=val_data is not None, **settings)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=data_collator(tokenizer, settings["packing"], model.config),
+        callbacks=[LossGuard()],
+    )
+    # First in line, so the tokens/s it adds to a log line is printed with it.
+    trainer.callback_handler.callbacks.insert(0, ProgressReport(out))
+    return trainer
+
+
+def training_arguments(out: Path, device: str, *, validate: bool, total_steps, micro_batch_size, grad_accum,
+                       num_epochs, max_steps, learning_rate, warmup_steps, save_steps, logging_steps,
+                       group_by_length, packing, gradient_checkpointing, torch_compile, report_to, run_name, seed,
+                       world_size, bf16=None):
+    """The Trainer's arguments: the original's recipe (validating when `validate`) with modern precision."""
+    import torch
+    from transformers import TrainingArguments
+
+    from utils import models
 
     # Autocast on GPUs (the weights' dtype, models.pick_dtype); a CPU computes in the dtype the base was loaded in,
     # with no autocast re-casting weights every step (PEFT keeps the LoRA layers in fp32 and casts their input).
     bf16 = device != "cpu" and models.pick_dtype(device, bf16, training=True) == torch.bfloat16
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
@@ -285,13 +336,13 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         logging_steps=logging_steps,
         logging_nan_inf_filter=False,  # the filter turns NaN losses into 0.0, hiding the very failure to report
         optim="adamw_torch",
-        eval_strategy="steps" if val_data is not None else "no",
+        eval_strategy="steps" if validate else "no",
         save_strategy="steps",
-        eval_steps=save_steps if val_data is not None else None,
-        eval_on_start=val_data is not None,  # the base model's held-out loss: the baseline the curve starts from
+        eval_steps=save_steps if validate else None,
+        eval_on_start=validate,  # the base model's held-out loss: the baseline the curve starts from
         save_steps=save_steps,
         save_total_limit=3,
-        load_best_model_at_end=val_data is not None,
+        load_best_model_at_end=validate,
         ddp_find_unused_parameters=False if world_size > 1 else None,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         activation_checkpointing=gradient_checkpointing,
@@ -304,17 +355,6 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         data_seed=seed,
         use_cpu=device == "cpu",
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_data,
-        eval_dataset=val_data,
-        data_collator=data_collator(tokenizer, packing, model.config),
-        callbacks=[LossGuard()],
-    )
-    # First in line, so the tokens/s it adds to a log line is printed with it.
-    trainer.callback_handler.callbacks.insert(0, ProgressReport(out))
-    return trainer
 
 
 def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict] = None, base_name: str = "") -> None:

@@ -189,6 +189,23 @@ def start(data: dict) -> str:
             f"answer of {data['answer_tokens']} tokens sent as soon as the page answers; measured {dates}.\n")
 
 
+def memory() -> str:
+    """docs/scale.md's per-GPU memory table (benchmarks/memory.py's arithmetic) and its check on CPU."""
+    data = load(RESULTS / "memory.json")
+    names = {"ddp": "DDP (torchrun)", "fsdp": "FSDP2", "zero3": "ZeRO-3"}
+    rows = [[r["model"], r["precision"], names[r["launcher"]], r["loading_gib"], r["weights_gib"], r["train_gib"],
+             r["train_checkpointing_gib"]] for r in data["per_gpu"]]
+    header = ["model", "base", "launcher", "GiB per GPU loading", "weights per GPU", "training",
+              "training, --gradient_checkpointing"]
+    recipe = data["recipe"]
+    checks = "; ".join(f"{names[k]}: {v['measured_sharded']} sharded (computed {v['predicted_sharded']}), "
+                       f"{v['measured_run']} over the run (computed {v['predicted_run']})"
+                       for k, v in data["cpu_check"].items())
+    return (table(header, rows) + f"\n{recipe['gpus']} GPUs for the sharded rows, micro-batch of {recipe['tokens']} "
+            f"tokens, LoRA r={recipe['lora_r']} on q/v; {data['note']} (`benchmarks/results/memory.json`). The same "
+            f"arithmetic against rank 1 of 2 CPU ranks in `tests/test_shard.py`, in model copies: {checks}.\n")
+
+
 def real_run() -> str:
     """The documented run's held-out figures (evaluate.py's table) and the Trainer's own, from docs/real-run/."""
     evaluation, metrics = load(REAL_RUN / "evaluation.json"), load(REAL_RUN / "metrics.json")
@@ -365,11 +382,17 @@ rows are narrower than a K-quant block, so llama.cpp's quantizer stores most of 
 on 7B-class models the K types apply throughout and the sizes scale as llama.cpp documents.
 
 {gguf(quant)}
-{source("gguf.json", quant)}"""
+{source("gguf.json", quant)}
+## Memory of sharded training
+
+Computed, not measured: `benchmarks/memory.py` writes [memory.json](../benchmarks/results/memory.json), the per-GPU
+memory of 7B-70B bases under DDP, FSDP2 and ZeRO-3 that [Scale](scale.md#memory-per-gpu) renders, checked against
+what 2 CPU ranks measure in `tests/test_shard.py`.
+"""
 
 
 def render_block(name: str) -> str:
-    return {"real-run": real_run, "headline": headline}[name]()
+    return {"real-run": real_run, "headline": headline, "memory": memory}[name]()
 
 
 def with_blocks(text: str) -> str:

@@ -61,7 +61,7 @@ def alpaca_file(tmp_path) -> Path:
 # are full-size runs on the embedded model. `python -m pytest -q` runs them all.
 INTEGRATION = {"test_bench", "test_chat_api", "test_cli", "test_evaluation", "test_export", "test_families",
                "test_finetune", "test_generate"}
-SYSTEM = {"test_ddp", "test_default_path", "test_demo", "test_docker", "test_gguf", "test_scale"}
+SYSTEM = {"test_ddp", "test_default_path", "test_demo", "test_docker", "test_gguf", "test_scale", "test_shard"}
 
 
 def pytest_configure(config):

@@ -25,8 +25,10 @@ def train_sentencepiece(folder: Path, vocab_size: int = 512) -> None:
     (folder / "tokenizer.vocab").unlink()
 
 
-def make_tiny_llama(folder: Path, num_key_value_heads: int = 4, seed: int = 0, tokenizer_from: Path = None) -> Path:
-    """Save a 2-layer LLaMA (hidden 64) and its tokenizer into folder.
+def make_tiny_llama(folder: Path, num_key_value_heads: int = 4, seed: int = 0, tokenizer_from: Path = None,
+                    **shape) -> Path:
+    """Save a 2-layer LLaMA (hidden 64) and its tokenizer into folder; `shape` overrides the config (e.g.
+    hidden_size, num_hidden_layers) for a bigger one.
 
     The tokenizer is a fresh SentencePiece model (LLaMA-1/2 style, with tokenizer.model), or a copy of the
     tokenizer in `tokenizer_from` so that several tiny models can share one."""
@@ -40,11 +42,12 @@ def make_tiny_llama(folder: Path, num_key_value_heads: int = 4, seed: int = 0, t
         shutil.copy(Path(tokenizer_from) / "tokenizer.model", folder / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**{
+        **dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=num_key_value_heads, max_position_embeddings=512,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False),
+        **shape,
+    })
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder

@@ -265,6 +265,12 @@ def base_file(base_path: str, name: str) -> Optional[Path]:
     return Path(found) if found else None
 
 
+def local_dir(base_path: str) -> Path:
+    """The base's folder on this machine; a Hub id's snapshot folder in the cache (which holds its weights only once
+    they are downloaded: utils.merge_shards then finds none and the export loads the model instead)."""
+    return Path(base_path) if Path(base_path).is_dir() else base_dir(base_path)
+
+
 def base_dir(base_path: str) -> Path:
     """The directory holding the base's files (a hub id resolves to its snapshot in the cache)."""
     return base_file(base_path, "config.json").parent

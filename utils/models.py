@@ -230,13 +230,14 @@ def cpu_precision_note(dtype: torch.dtype) -> str:
     return f"Computing in fp32 ({why})"
 
 
-def pick_quantization(quantization: str, device: str) -> str:
-    """Resolve "auto" (8-bit on CUDA as in the original, full precision elsewhere, where it is faster)."""
+def pick_quantization(quantization: str, device: str, sharded: bool = False) -> str:
+    """Resolve "auto": 8-bit on CUDA as in the original, full precision elsewhere (where it is faster) and under
+    FSDP or ZeRO-3 (`sharded`), which cannot shard an 8-bit base."""
     from utils.checks import check_value
 
     check_value("quantization", quantization)
     if quantization == "auto":
-        quantization = "8bit" if device.startswith("cuda") else "none"
+        quantization = "8bit" if device.startswith("cuda") and not sharded else "none"
     if quantization != "none":
         if device == "mps":
             raise UserError(f"{quantization} loading needs bitsandbytes, which has no Apple MPS kernels; use --quantization none")
@@ -245,8 +246,10 @@ def pick_quantization(quantization: str, device: str) -> str:
     return quantization
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype):
-    """The BitsAndBytesConfig for 8-bit or 4-bit NF4 (QLoRA) loading, None for full precision."""
+def quantization_config(quantization: str, compute_dtype: torch.dtype, sharded: bool = False):
+    """The BitsAndBytesConfig for 8-bit or 4-bit NF4 (QLoRA) loading, None for full precision. `sharded` (FSDP,
+    ZeRO-3): the packed 4-bit weights are stored in the compute dtype instead of uint8, so that the launcher can
+    shard them like every other weight (and its mixed precision must be that dtype: utils.distributed checks)."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -257,6 +260,7 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         )
     return None
 
@@ -279,24 +283,40 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, quantization: str = "none", device: str = "cpu", device_map=None, dtype=None,
-               attn_implementation: Optional[str] = None):
+               attn_implementation: Optional[str] = None, sharded: bool = False):
     """A causal LM in full precision or 8/4-bit; `device_map` overrides placement (torchrun, model parallel);
-    `attn_implementation` e.g. utils.packing.NAME for per-record attention over packed rows."""
+    `attn_implementation` e.g. utils.packing.NAME for per-record attention over packed rows. `sharded` (FSDP,
+    ZeRO-3): no device_map, which ZeRO-3 refuses and FSDP places itself (a 4-bit base quantizes on the
+    process's own GPU, the one the launcher made current)."""
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or load_dtype(device)
-    if device_map is None and (quantization != "none" or device != "cpu"):
+    if device_map is None and not sharded and (quantization != "none" or device != "cpu"):
         device_map = {"": device}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             device_map=device_map,
-            quantization_config=quantization_config(quantization, dtype),
+            quantization_config=quantization_config(quantization, dtype, sharded),
             attn_implementation=attn_implementation,
         )
     except OSError as err:
         raise UserError(f"could not load base model '{path}': {str(err).splitlines()[0]}") from None
+
+
+def load_empty_model(path: str, dtype: torch.dtype, attn_implementation: Optional[str] = None):
+    """The model with its weights on the meta device (no memory), for a rank that receives its shard of the
+    weights from rank 0 (FSDP's cpu_ram_efficient_loading). Buffers computed from the config (the rotary
+    frequencies) are real: they are not in the checkpoint and nobody broadcasts them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.name_or_path = path
+    return model
 
 
 def linear_layers(path: str) -> dict[str, torch.nn.Linear]:

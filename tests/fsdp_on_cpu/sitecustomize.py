@@ -4,12 +4,16 @@ On PYTHONPATH, Python imports this file at start-up in every process. accelerate
 accelerators: on CPU its state says MULTI_CPU and the FSDP config is silently ignored (plain DDP runs instead).
 This changes that one decision in the ranks that `accelerate launch` starts (ACCELERATE_USE_FSDP=true) and
 nothing else: the FSDP plugin, its wrapping, the Trainer's FSDP training and checkpoints, and finetune.py run as
-they do on GPUs, with gloo instead of NCCL."""
+they do on GPUs, with gloo instead of NCCL. It says so in $ALPACA_LORA_FSDP_ON_CPU (utils.distributed.FSDP_ON_CPU):
+finetune.py then loads the base on rank 0 alone, as it does on GPUs, where without the hook every CPU rank must
+load it (accelerate would run DDP)."""
 
 import os
 
 if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
     import accelerate.state as state
+
+    os.environ["ALPACA_LORA_FSDP_ON_CPU"] = "1"
 
     _init = state.AcceleratorState.__init__
 
