@@ -5,6 +5,7 @@ With no flags it trains the embedded SmolLM2-135M-Instruct on the shipped 999-re
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -12,6 +13,7 @@ from utils.chat import load_chat_template
 from utils.cli import UserError, log, run
 from utils.data import DEFAULT_DATA, load_records, recorded_data_path, resolve_val_set_size, split_records, tokenize_records
 from utils.prompts import Prompter
+from utils.training import TrainSettings
 
 
 def train(
@@ -107,98 +109,155 @@ def train(
     from utils.checks import check_values
 
     check_values(arguments)
-    import torch
+    plan = check_run(arguments)
+    prepare_data(plan, arguments)
+    # Before the model loads: the arguments start the process group and, for ZeRO-3, DeepSpeed's config, which
+    # from_pretrained reads to load the weights partitioned (zero.Init) instead of whole on every process.
+    args = training_arguments(plan.out, plan.device, plan.val_data is not None, plan.settings)
+    model = load_lora_model(plan, arguments)
+    trainer = build_trainer(model, plan.tokenizer, plan.train_data, plan.val_data, plan.out, plan.device, plan.settings,
+                            args=args)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    finish_run(trainer, result.metrics, plan, arguments)
 
+
+@dataclass
+class Plan:
+    """What train() resolved from the flags before any model loads."""
+
+    out: Path
+    device: str
+    dtype: "torch.dtype"  # noqa: F821 - torch is imported after the flags are checked
+    quantization: str
+    shard: str  # "fsdp" or "zero3" when the launcher shards the base over the processes, else ""
+    world_size: int
+    grad_accum: int
+    target_modules: list[str]
+    records: list[dict]
+    val_size: int
+    checkpoint: Optional[str]  # a Trainer checkpoint to resume
+    warm_start: Optional[str]  # an adapter to start a new run from
+    base_model: str
+    base_path: str
+    prompter: Prompter
+    report_to: list[str]
+    tokenizer: object = None
+    train_data: object = None
+    val_data: object = None
+    settings: Optional[TrainSettings] = None
+
+
+def check_run(a: dict) -> Plan:
+    """Every check of the flags, the data file, the output directory and the base's config, in that order."""
     from utils import distributed, models, training
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     distributed.check_launcher()
-    target_modules = parse_target_modules(lora_target_modules)
-    grad_accum = training.check_batch_sizes(batch_size, micro_batch_size, world_size)
-    if device_map == "auto" and world_size > 1:
+    target_modules = parse_target_modules(a["lora_target_modules"])
+    grad_accum = training.check_batch_sizes(a["batch_size"], a["micro_batch_size"], world_size)
+    if a["device_map"] == "auto" and world_size > 1:
         raise UserError("--device_map auto (one process over all GPUs) cannot be combined with torchrun/accelerate ranks")
-    prompter = Prompter(prompt_template_name)
-    report_to = reporting(wandb_project, wandb_watch, wandb_log_model, tensorboard)
+    prompter = Prompter(a["prompt_template_name"])
+    report_to = reporting(a["wandb_project"], a["wandb_watch"], a["wandb_log_model"], a["tensorboard"])
     device = models.pick_device("auto")
-    shard = distributed.sharding(device)  # "fsdp" or "zero3": the launcher shards the base over the processes
-    quantization = models.pick_quantization(quantization, device, sharded=bool(shard))
-    dtype = models.pick_dtype(device, bf16, training=True)
-    records = load_records(data_path, column_map)
-    val_size = resolve_val_set_size(val_set_size, len(records))
+    shard = distributed.sharding(device)
+    quantization = models.pick_quantization(a["quantization"], device, sharded=bool(shard))
+    dtype = models.pick_dtype(device, a["bf16"], training=True)
+    records = load_records(a["data_path"], a["column_map"])
+    val_size = resolve_val_set_size(a["val_set_size"], len(records))
 
-    out = training.check_output_dir(output_dir, bool(resume_from_checkpoint), overwrite_output_dir)
-    checkpoint, warm_start = training.resolve_resume(resume_from_checkpoint, out)
+    out = training.check_output_dir(a["output_dir"], bool(a["resume_from_checkpoint"]), a["overwrite_output_dir"])
+    checkpoint, warm_start = training.resolve_resume(a["resume_from_checkpoint"], out)
     if checkpoint:
-        training.check_checkpoint_matches(checkpoint, lora_r, target_modules)
-    base_model = arguments["base_model"] = models.choose_base_model(base_model, checkpoint or warm_start)
+        training.check_checkpoint_matches(checkpoint, a["lora_r"], target_modules)
+    base_model = models.choose_base_model(a["base_model"], checkpoint or warm_start)
     base_path = models.resolve_base_model(base_model)
-    models.check_cutoff_len(base_path, cutoff_len)
+    models.check_cutoff_len(base_path, a["cutoff_len"])
     models.check_target_modules(base_path, target_modules)
     distributed.check_sharded_quantization(shard, quantization, models.read_config(base_path), dtype)
     if warm_start:
         models.check_adapter_fits(base_path, warm_start)
-    tokenizer = models.load_tokenizer(base_path)
-    train_records, val_records = split_records(records, val_size, seed)
-    chat = load_chat_template(chat_template, tokenizer) if "messages" in records[0] else None
+    return Plan(out, device, dtype, quantization, shard, world_size, grad_accum, target_modules, records, val_size,
+                checkpoint, warm_start, base_model, base_path, prompter, report_to)
+
+
+def prepare_data(plan: Plan, a: dict) -> None:
+    """Split and tokenize the records, count the run's steps; record in `a` the values the run resolved."""
+    import torch
+
+    from utils import models, training
+
+    plan.tokenizer = models.load_tokenizer(plan.base_path)
+    train_records, val_records = split_records(plan.records, plan.val_size, a["seed"])
+    chat = load_chat_template(a["chat_template"], plan.tokenizer) if "messages" in plan.records[0] else None
     if chat is not None:
         log(f"Conversations rendered with chat template {chat.name}")
     else:
-        log(f"Using prompt template {prompter.name}: {prompter.template.get('description', '')}")
+        log(f"Using prompt template {plan.prompter.name}: {plan.prompter.template.get('description', '')}")
+    train_on_inputs = a["train_on_inputs"]
     if train_on_inputs is None:  # the original trains on Alpaca prompts too; a chat model learns only its own turns
         train_on_inputs = chat is None
-    prepare = dict(tokenizer=tokenizer, prompter=prompter, cutoff_len=cutoff_len,
-                   train_on_inputs=train_on_inputs, add_eos_token=add_eos_token, chat=chat)
-    train_data = tokenize_records(train_records, **prepare)
-    val_data = tokenize_records(val_records, **prepare) if val_records is not None else None
-    if len(train_data) == 0 or (val_data is not None and len(val_data) == 0):
-        raise UserError(f"no {'training' if len(train_data) == 0 else 'validation'} record keeps any response token "
-                        f"within --cutoff_len {cutoff_len}: raise --cutoff_len")
-    total_steps = training.optimizer_steps(len(train_data), micro_batch_size, grad_accum, world_size, num_epochs, max_steps)
-    if checkpoint and training.steps_done(checkpoint) >= total_steps:
-        raise UserError(f"{checkpoint} is already at step {training.steps_done(checkpoint)} of this run's {total_steps}: "
-                        "nothing left to train; raise --max_steps or --num_epochs to continue it")
-    warmup_steps = min(warmup_steps, total_steps // 10)  # at most a tenth of the run: a short run reaches the rate
+    prepare = dict(tokenizer=plan.tokenizer, prompter=plan.prompter, cutoff_len=a["cutoff_len"],
+                   train_on_inputs=train_on_inputs, add_eos_token=a["add_eos_token"], chat=chat)
+    plan.train_data = tokenize_records(train_records, **prepare)
+    plan.val_data = tokenize_records(val_records, **prepare) if val_records is not None else None
+    if len(plan.train_data) == 0 or (plan.val_data is not None and len(plan.val_data) == 0):
+        raise UserError(f"no {'training' if len(plan.train_data) == 0 else 'validation'} record keeps any response "
+                        f"token within --cutoff_len {a['cutoff_len']}: raise --cutoff_len")
+    total_steps = training.optimizer_steps(len(plan.train_data), a["micro_batch_size"], plan.grad_accum,
+                                           plan.world_size, a["num_epochs"], a["max_steps"])
+    if plan.checkpoint and training.steps_done(plan.checkpoint) >= total_steps:
+        raise UserError(f"{plan.checkpoint} is already at step {training.steps_done(plan.checkpoint)} of this run's "
+                        f"{total_steps}: nothing left to train; raise --max_steps or --num_epochs to continue it")
+    warmup_steps = min(a["warmup_steps"], total_steps // 10)  # at most a tenth of the run: a short run reaches the rate
+    plan.settings = TrainSettings(
+        micro_batch_size=a["micro_batch_size"], grad_accum=plan.grad_accum,
+        num_epochs=a["num_epochs"], max_steps=a["max_steps"], learning_rate=a["learning_rate"],
+        warmup_steps=warmup_steps, save_steps=a["save_steps"], logging_steps=a["logging_steps"],
+        group_by_length=a["group_by_length"], packing=a["packing"], gradient_checkpointing=a["gradient_checkpointing"],
+        torch_compile=a["torch_compile"], bf16=a["bf16"], report_to=tuple(plan.report_to),
+        run_name=a["wandb_run_name"] or None, seed=a["seed"], world_size=plan.world_size)
     # What later scripts read back (evaluate.py's held-out records, the export's chat template): the values this run
     # used, not the unset flags they were resolved from, and the names the user gave rather than this machine's paths.
-    arguments.update(
-        data_path=recorded_data_path(data_path), val_set_size=val_size, train_on_inputs=train_on_inputs,
-        chat_template=chat_template or (chat.name if chat else ""), lora_target_modules=target_modules,
-        quantization=quantization, bf16=dtype == torch.bfloat16, warmup_steps=warmup_steps,
+    a.update(
+        base_model=plan.base_model, data_path=recorded_data_path(a["data_path"]), val_set_size=plan.val_size,
+        train_on_inputs=train_on_inputs, chat_template=a["chat_template"] or (chat.name if chat else ""),
+        lora_target_modules=plan.target_modules, quantization=plan.quantization,
+        bf16=plan.dtype == torch.bfloat16, warmup_steps=warmup_steps,
     )
 
-    log(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'} on {device} "
-        f"({'not quantized' if quantization == 'none' else quantization}, {str(dtype).removeprefix('torch.')})")
-    if device == "cpu":
-        log(models.cpu_precision_note(dtype))
-    settings = dict(
-        total_steps=total_steps, micro_batch_size=micro_batch_size, grad_accum=grad_accum, num_epochs=num_epochs,
-        max_steps=max_steps, learning_rate=learning_rate, warmup_steps=warmup_steps, save_steps=save_steps,
-        logging_steps=logging_steps, group_by_length=group_by_length, packing=packing,
-        gradient_checkpointing=gradient_checkpointing, torch_compile=torch_compile, bf16=bf16, report_to=report_to,
-        run_name=wandb_run_name or None, seed=seed, world_size=world_size,
-    )
-    # Before the model loads: the arguments start the process group and, for ZeRO-3, DeepSpeed's config, which
-    # from_pretrained reads to load the weights partitioned (zero.Init) instead of whole on every process.
-    args = training_arguments(out, device, validate=val_data is not None, **settings)
-    distributed.record_memory("start")
-    model = load_base(base_path, quantization, device, dtype, shard, device_map, packing)
-    distributed.record_memory("loaded")
+
+def load_lora_model(plan: Plan, a: dict):
+    """The frozen base (as the launcher needs it) with trainable LoRA layers, seeded alike on every rank."""
     from transformers import set_seed
 
-    set_seed(seed)  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
-    model = wrap_lora(model, quantization, warm_start, gradient_checkpointing, sharded=bool(shard),
-                      r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
-    if distributed.loads_empty(shard):
+    from utils import distributed, models
+
+    log(f"Loading {plan.base_model or 'the embedded SmolLM2-135M-Instruct'} on {plan.device} "
+        f"({'not quantized' if plan.quantization == 'none' else plan.quantization}, "
+        f"{str(plan.dtype).removeprefix('torch.')})")
+    if plan.device == "cpu":
+        log(models.cpu_precision_note(plan.dtype))
+    distributed.record_memory("start")
+    model = load_base(plan.base_path, plan.quantization, plan.device, plan.dtype, plan.shard, a["device_map"],
+                      a["packing"])
+    distributed.record_memory("loaded")
+    set_seed(a["seed"])  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
+    model = wrap_lora(model, plan.quantization, plan.warm_start, a["gradient_checkpointing"], sharded=bool(plan.shard),
+                      r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
+                      target_modules=plan.target_modules)
+    if distributed.loads_empty(plan.shard):
         distributed.materialize_trainable(model)
+    return model
 
-    trainer = build_trainer(model, tokenizer, train_data, val_data, out, device, args=args, **settings)
-    if distributed.memory_callback():
-        trainer.add_callback(distributed.memory_callback())
-    out.mkdir(parents=True, exist_ok=True)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
 
-    metrics = dict(result.metrics)
-    if val_data is not None:
+def finish_run(trainer, metrics: dict, plan: Plan, arguments: dict) -> None:
+    """Save the final adapter, its arguments and the reports (rank 0), once every rank has its gathered weights."""
+    from utils import distributed, models
+
+    metrics = dict(metrics)
+    if plan.val_data is not None:
         # The adapter that is saved is the best one, reloaded at the end. The Trainer has already validated the last
         # step (and every checkpoint), so the best loss is known: no second validation pass at the end.
         metrics["final_eval_loss"] = trainer.state.best_metric
@@ -206,12 +265,13 @@ def train(
     if trainer.is_world_process_zero():
         from utils.metrics import write_reports
 
-        save_run(trainer, tokenizer, out, arguments, state_dict, models.base_model_name(base_model))
-        write_reports(trainer.state.log_history, metrics, out,
-                      f"LoRA r={lora_r} on {Path(models.base_model_name(base_model)).name}")
+        base_name = models.base_model_name(plan.base_model)
+        save_run(trainer, plan.tokenizer, plan.out, arguments, state_dict, base_name)
+        write_reports(trainer.state.log_history, metrics, plan.out,
+                      f"LoRA r={arguments['lora_r']} on {Path(base_name).name}")
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and tears the process group down) mid-save
     distributed.record_memory("end")
-    log(f"Saved the LoRA adapter to {out}")
+    log(f"Saved the LoRA adapter to {plan.out}")
 
 
 def parse_target_modules(value) -> list[str]:
@@ -286,33 +346,30 @@ def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_chec
     return model
 
 
-def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, *, args=None, **settings):
-    """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard. `settings`:
-    training_arguments' keywords; `args`: those arguments, already built from them (finetune.py builds them
-    before the model loads)."""
+def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, settings: TrainSettings, args=None):
+    """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard; `args`: the
+    arguments already built from `settings` (finetune.py builds them before the model loads)."""
     from transformers import Trainer
 
+    from utils.distributed import memory_callback
     from utils.metrics import LossGuard, ProgressReport
     from utils.training import data_collator
 
-    args = args or training_arguments(out, device, validate=val_data is not None, **settings)
+    args = args or training_arguments(out, device, val_data is not None, settings)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
-        data_collator=data_collator(tokenizer, settings["packing"], model.config),
-        callbacks=[LossGuard()],
+        data_collator=data_collator(tokenizer, settings.packing, model.config),
+        callbacks=[LossGuard(), *filter(None, [memory_callback()])],  # each rank's memory, when asked for (tests)
     )
     # First in line, so the tokens/s it adds to a log line is printed with it.
     trainer.callback_handler.callbacks.insert(0, ProgressReport(out))
     return trainer
 
 
-def training_arguments(out: Path, device: str, *, validate: bool, total_steps, micro_batch_size, grad_accum,
-                       num_epochs, max_steps, learning_rate, warmup_steps, save_steps, logging_steps,
-                       group_by_length, packing, gradient_checkpointing, torch_compile, report_to, run_name, seed,
-                       world_size, bf16=None):
+def training_arguments(out: Path, device: str, validate: bool, s: TrainSettings):
     """The Trainer's arguments: the original's recipe (validating when `validate`) with modern precision."""
     import torch
     from transformers import TrainingArguments
@@ -321,38 +378,38 @@ def training_arguments(out: Path, device: str, *, validate: bool, total_steps, m
 
     # Autocast on GPUs (the weights' dtype, models.pick_dtype); a CPU computes in the dtype the base was loaded in,
     # with no autocast re-casting weights every step (PEFT keeps the LoRA layers in fp32 and casts their input).
-    bf16 = device != "cpu" and models.pick_dtype(device, bf16, training=True) == torch.bfloat16
+    bf16 = device != "cpu" and models.pick_dtype(device, s.bf16, training=True) == torch.bfloat16
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=micro_batch_size,
-        per_device_eval_batch_size=micro_batch_size,
-        gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_steps,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
+        per_device_train_batch_size=s.micro_batch_size,
+        per_device_eval_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        warmup_steps=s.warmup_steps,
+        num_train_epochs=s.num_epochs,
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
         bf16=bf16,
         fp16=device.startswith("cuda") and not bf16,  # with the Trainer's loss scaling
-        logging_steps=logging_steps,
+        logging_steps=s.logging_steps,
         logging_nan_inf_filter=False,  # the filter turns NaN losses into 0.0, hiding the very failure to report
         optim="adamw_torch",
         eval_strategy="steps" if validate else "no",
         save_strategy="steps",
-        eval_steps=save_steps if validate else None,
+        eval_steps=s.save_steps if validate else None,
         eval_on_start=validate,  # the base model's held-out loss: the baseline the curve starts from
-        save_steps=save_steps,
+        save_steps=s.save_steps,
         save_total_limit=3,
         load_best_model_at_end=validate,
-        ddp_find_unused_parameters=False if world_size > 1 else None,
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
-        activation_checkpointing=gradient_checkpointing,
-        torch_compile=torch_compile,
+        ddp_find_unused_parameters=False if s.world_size > 1 else None,
+        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
+        activation_checkpointing=s.gradient_checkpointing,
+        torch_compile=s.torch_compile,
         # Packed rows hold no padding (and no attention mask to count it from): count every token.
-        include_num_input_tokens_seen="all" if packing else "non_padding",
-        report_to=report_to,
-        run_name=run_name,
-        seed=seed,
-        data_seed=seed,
+        include_num_input_tokens_seen="all" if s.packing else "non_padding",
+        report_to=list(s.report_to),
+        run_name=s.run_name,
+        seed=s.seed,
+        data_seed=s.seed,
         use_cpu=device == "cpu",
     )
 

@@ -166,6 +166,7 @@ def run_recipe(spec: dict) -> dict:
     from utils import models, packing
     from utils.data import load_records, tokenize_records
     from utils.prompts import Prompter
+    from utils.training import TrainSettings
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -192,14 +193,13 @@ def run_recipe(spec: dict) -> dict:
                                    r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
         micro = spec.get("micro_batch_size", spec["micro_batch"])
         out = Path(tempfile.mkdtemp(prefix="bench-"))
-        trainer = finetune.build_trainer(
-            model, tokenizer, data, None, out, device, total_steps=spec["steps"] + spec["warmup"], micro_batch_size=micro,
-            grad_accum=spec["batch_size"] // (micro * world),
-            num_epochs=1, max_steps=spec["steps"] + spec["warmup"], learning_rate=3e-4, warmup_steps=0,
-            save_steps=10**6, logging_steps=1, group_by_length=spec.get("group_by_length", False),
-            packing=spec["packing"], gradient_checkpointing=spec.get("gradient_checkpointing", False),
-            torch_compile=spec.get("torch_compile", False), bf16=spec.get("bf16"), report_to=["none"], run_name=None,
-            seed=spec["seed"], world_size=world)
+        settings = TrainSettings(
+            micro_batch_size=micro, grad_accum=spec["batch_size"] // (micro * world), num_epochs=1,
+            max_steps=spec["steps"] + spec["warmup"], learning_rate=3e-4, warmup_steps=0, save_steps=10**6,
+            logging_steps=1, group_by_length=spec.get("group_by_length", False), packing=spec["packing"],
+            gradient_checkpointing=spec.get("gradient_checkpointing", False),
+            torch_compile=spec.get("torch_compile", False), bf16=spec.get("bf16"), seed=spec["seed"], world_size=world)
+        trainer = finetune.build_trainer(model, tokenizer, data, None, out, device, settings)
 
     # Count what each micro-batch holds as it reaches the loss (the dataloader reads one batch ahead, so
     # counting in the collator would credit tokens to the wrong step).

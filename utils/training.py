@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,6 +15,28 @@ CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 FSDP_WEIGHTS = "pytorch_model_fsdp_0"  # what the Trainer's FSDP checkpoints hold instead: the sharded weights
 
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The schedule and switches the Trainer runs with (finetune.training_arguments turns them into its arguments)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    num_epochs: float
+    max_steps: int
+    learning_rate: float
+    warmup_steps: int
+    save_steps: int
+    logging_steps: int
+    group_by_length: bool = False
+    packing: bool = True
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    bf16: Optional[bool] = None
+    report_to: tuple = ("none",)
+    run_name: Optional[str] = None
+    seed: int = 42
+    world_size: int = 1
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Gradient accumulation steps per process; the global batch must split evenly over micro-batches and ranks."""
