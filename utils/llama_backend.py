@@ -69,12 +69,17 @@ def fingerprint(items: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
+def exports_dir() -> Path:
+    from utils.models import cache_root
+
+    return cache_root() / "gguf-exports"
+
+
 def cached_export(name: str, sources: list[str], args: dict) -> Path:
     """export_gguf.py's file for `args`, made once into the cache (a changed source makes a new one)."""
     from export_gguf import export
-    from utils.models import cache_root
 
-    target = cache_root() / "gguf-exports" / f"{name}-{fingerprint(sources)}.gguf"
+    target = exports_dir() / f"{name}-{fingerprint(sources)}.gguf"
     if not target.is_file():
         print(f"Exporting {name} for llama.cpp (once; cached in {target.parent})", file=sys.stderr, flush=True)
         with contextlib.redirect_stdout(sys.stderr):  # --instruction prints its answer alone on stdout
