@@ -200,7 +200,7 @@ def load_llamacpp_generator(base_model: str = "", lora_weights: str = "", prompt
     prepare_model), the GGUF files (gguf_files), then the Llama with the GGUF LoRA applied at run time."""
     import llama_cpp
 
-    from utils.generation import physical_cores, prepare_model
+    from utils.generation import prepare_model
     from utils.models import read_config
 
     prepared = prepare_model(base_model, lora_weights, prompt_template, chat_template)
@@ -210,7 +210,7 @@ def load_llamacpp_generator(base_model: str = "", lora_weights: str = "", prompt
           f"({threads} thread{'s' if threads > 1 else ''}, {context}-token context)", file=sys.stderr, flush=True)
     try:
         llm = llama_cpp.Llama(str(base_file), lora_path=str(lora_file) if lora_file else None, n_ctx=context,
-                              n_threads=threads, n_threads_batch=physical_cores(), verbose=False)
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
     except (ValueError, RuntimeError) as err:  # llama.cpp's "Failed to load model from file", an unknown type
         raise UserError(f"llama.cpp could not load {base_file}{' + ' + str(lora_file) if lora_file else ''}: "
                         f"{str(err).splitlines()[0]}") from None
