@@ -152,8 +152,12 @@ def load_transformers(base_model: str, lora_weights: str, quantization: str, dev
 
 def load_llamacpp(base_model: str, lora_weights: str, prompt_template: str, chat_template: Optional[str],
                   gguf_type: str, threads: int, batch_mode: bool, num_beams: int):
+    import torch
+
     from utils.generation import decoding_threads
-    from utils.llama_backend import load_llamacpp_generator
+
+    # torch only samples one row of logits here: more threads would spin against llama.cpp's for the cores
+    torch.set_num_threads(1)    from utils.llama_backend import load_llamacpp_generator
 
     if num_beams > 1:
         print(f"llama.cpp decodes one beam: --num_beams {num_beams} is ignored (greedy at temperature 0, else sampled)",

@@ -115,6 +115,9 @@ class LlamaCppGenerator(Generator):
         self.check_length(len(ids), max_new_tokens)
         return {"input_ids": torch.tensor([ids])}
 
+    def stream(self, *args, **kwargs):
+        raise NotImplementedError("stream through the server's pool: serving.engine_for(generator, ...).stream(...)")
+
     def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
         """Whole answers, one after another, through a private engine (one beam)."""
         engine = LlamaCppEngine(self, max_waiting=len(prompts))
@@ -180,15 +183,25 @@ class LlamaCppEngine(Engine):
                 llm.eval(job.tokens[-1:])
 
     def _pick(self, job: Job) -> int:
-        """The next token from the last position's logits: their argmax, or a draw after transformers' warpers."""
+        """The next token from the last position's logits: their argmax, or a draw from `candidates`."""
         import llama_cpp
 
         llm = self.model
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
         if job.warp is None:
             return int(logits.argmax())
-        scores = job.warp(job.input_ids, torch.from_numpy(logits.copy())[None])
-        return int(torch.multinomial(scores.softmax(dim=-1), 1))
+        probs, ids = candidates(torch.from_numpy(logits.copy()), job.warp, job.settings.top_k)
+        return int(ids[int(torch.multinomial(probs, 1))])
+
+
+def candidates(logits: torch.Tensor, warp, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids) of the tokens a sampled answer may take next: transformers' warpers (temperature,
+    top-k, top-p) applied, with a top_k, to the top_k most likely tokens only. The same distribution, as the others
+    get probability 0 either way, without sorting the whole vocabulary for top-p at every token."""
+    ids = torch.arange(len(logits))
+    if 0 < top_k < len(logits):
+        logits, ids = torch.topk(logits, top_k)
+    return warp(None, logits[None])[0].softmax(dim=-1), ids
 
 
 LlamaCppGenerator.engine_class = LlamaCppEngine  # what serving.engine_for builds for the demo and the API
