@@ -155,9 +155,10 @@ def load_llamacpp(base_model: str, lora_weights: str, prompt_template: str, chat
     import torch
 
     from utils.generation import decoding_threads
+    from utils.llama_backend import load_llamacpp_generator
 
     # torch only samples one row of logits here: more threads would spin against llama.cpp's for the cores
-    torch.set_num_threads(1)    from utils.llama_backend import load_llamacpp_generator
+    torch.set_num_threads(1)
 
     if num_beams > 1:
         print(f"llama.cpp decodes one beam: --num_beams {num_beams} is ignored (greedy at temperature 0, else sampled)",
