@@ -368,7 +368,9 @@ answering the same prompt from GGUF exports of the same weights. "before" is the
 `generate.py --backend llama.cpp` (see [Serving](serving.md#llamacpp-backend)) timed by the same benchmark, through
 the same page and API, against llama.cpp answering the same prompt in-process from the same file type: the embedded
 model's shipped Q4_1 file, and the model exported at f16. The bar: greedy decoding within 10% of llama.cpp's own
-tokens/s. The backend decodes one request at a time, so 4 requests at once take turns.
+tokens/s. The backend decodes one request at a time, so 4 requests at once take turns. The machine was shared with
+other jobs (the load average below is above its core count): llama.cpp on 2 threads suffers most, and a single
+run's ratios move by more than the 10% bar from one run to the next.
 
 ```bash
 python benchmarks/bench_generate.py --configs llama.cpp-backend,llama.cpp-backend-f16 --llama q4_1,f16 \\
