@@ -5,6 +5,7 @@
     python generate.py --instruction "Tell me about alpacas."             # prints the answer, no server
     python generate.py --input_file questions.jsonl --output_file answers.jsonl
     python generate.py --api                            # + an OpenAI-compatible API at http://127.0.0.1:7860/v1
+    python generate.py --backend llama.cpp --lora_weights ./lora-alpaca   # answers computed by llama.cpp (GGUF)
 """
 
 import json
