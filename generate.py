@@ -5,6 +5,7 @@
     python generate.py --instruction "Tell me about alpacas."             # prints the answer, no server
     python generate.py --input_file questions.jsonl --output_file answers.jsonl
     python generate.py --api                            # + an OpenAI-compatible API at http://127.0.0.1:7860/v1
+    python generate.py --backend llama.cpp --lora_weights ./lora-alpaca   # answers computed by llama.cpp (GGUF)
 """
 
 import json
@@ -51,6 +52,8 @@ def main(
     bf16: Optional[bool] = None,
     compile: Optional[bool] = None,
     threads: int = 0,
+    backend: str = "transformers",
+    gguf_type: str = "",
 ):
     """Serve base model + LoRA adapter in a Gradio demo, or answer --instruction / --input_file without a server.
 
@@ -85,6 +88,8 @@ def main(
         bf16: bf16 weights (half the bytes to read per token); default: where the hardware computes bf16 natively (GPUs since Ampere, CPUs with AVX512-BF16 or AMX), else fp32 on CPU, fp16 on GPUs. False: fp32 on CPU, fp16 on GPUs.
         compile: Compile the decoding step (torch.compile) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); The demo answers at once, uncompiled, while the step compiles in the background (a minute or more on 2 CPU cores; it says when the compiled step is in use); --instruction/--input_file compile it first. Default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
         threads: CPU threads computing the model; 0: the physical cores, less one for the demo (streaming needs a core of its own).
+        backend: transformers (batched decoding, beam search, GPUs, 8/4-bit) | llama.cpp: answers computed by llama.cpp (llama-cpp-python) from GGUF files at its own speed on CPU, the adapter applied at run time as a GGUF LoRA (exported once, cached); one answer at a time, the others queued; one beam; the same prompts, tokens and sampling as transformers (docs/serving.md).
+        gguf_type: With --backend llama.cpp, the type the base is exported at, once (cached): f16, f32, bf16, q8_0, q4_k_m, …; empty: a .gguf base (the embedded model's Q4_1 included) as it is, any other base at f16.
     """
     from utils.checks import check_values
 
@@ -100,24 +105,20 @@ def main(
             raise UserError(f"--output_file {output_file} is a directory: name the file to write, e.g. answers.jsonl")
         check_writable(str(Path(output_file).expanduser().absolute().parent), "output_file")
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
+    from utils.llamacpp import check_backend
+
+    backend = check_backend(backend, gguf_type, lora_weights, device, load_8bit, load_4bit, bf16, compile)
     if quantization != "none" and (bf16 or compile):
         raise UserError(f"--{'bf16' if bf16 else 'compile'} applies to unquantized weights: drop it or --load_{quantization}")
     if not batch_mode:
         check_port_free(server_name, server_port)
-
-    import torch
-
-    from utils.generation import compile_decoding, decoding_threads, load_generator
-    from utils.models import pick_device, pick_dtype
-
-    device = pick_device(device)
-    if device == "cpu":
-        torch.set_num_threads(threads or decoding_threads(serving=not batch_mode))
-    dtype = pick_dtype(device, bf16) if quantization == "none" else None
-    compile = compile_decoding(compile, device == "cpu" and not batch_mode and quantization == "none")
-    generator = load_generator(base_model, lora_weights, quantization, device, prompt_template,
-                               chat_template=None if batch_mode else chat_template, dtype=dtype, compile=compile,
-                               compile_in_background=not batch_mode)
+    chat_template = None if batch_mode else chat_template
+    if backend == "llama.cpp":
+        generator = load_llamacpp(base_model, lora_weights, prompt_template, chat_template, gguf_type, threads,
+                                  batch_mode, settings.num_beams)
+    else:
+        generator = load_transformers(base_model, lora_weights, quantization, device, prompt_template, chat_template,
+                                      bf16, compile, threads, batch_mode)
     if batch_mode:
         answer_records(generator, records, settings, batch_size, output_file, plain=bool(instruction) and not output_file)
         return
@@ -131,6 +132,40 @@ def main(
     app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit,
                     chat=generator.chat, api=api_settings, max_queue=max_queue)
     launch(app, server_name=server_name, server_port=server_port, share=share_gradio, auth=credentials)
+
+
+def load_transformers(base_model: str, lora_weights: str, quantization: str, device: str, prompt_template: str,
+                      chat_template: Optional[str], bf16: Optional[bool], compile: Optional[bool], threads: int,
+                      batch_mode: bool):
+    import torch
+
+    from utils.generation import compile_decoding, decoding_threads, load_generator
+    from utils.models import pick_device, pick_dtype
+
+    device = pick_device(device)
+    if device == "cpu":
+        torch.set_num_threads(threads or decoding_threads(serving=not batch_mode))
+    dtype = pick_dtype(device, bf16) if quantization == "none" else None
+    compile = compile_decoding(compile, device == "cpu" and not batch_mode and quantization == "none")
+    return load_generator(base_model, lora_weights, quantization, device, prompt_template, chat_template=chat_template,
+                          dtype=dtype, compile=compile, compile_in_background=not batch_mode)
+
+
+def load_llamacpp(base_model: str, lora_weights: str, prompt_template: str, chat_template: Optional[str],
+                  gguf_type: str, threads: int, batch_mode: bool, num_beams: int):
+    import torch
+
+    from utils.generation import decoding_threads
+    from utils.llama_backend import load_llamacpp_generator
+
+    # torch only samples one row of logits here: more threads would spin against llama.cpp's for the cores
+    torch.set_num_threads(1)
+
+    if num_beams > 1:
+        print(f"llama.cpp decodes one beam: --num_beams {num_beams} is ignored (greedy at temperature 0, else sampled)",
+              file=sys.stderr, flush=True)
+    return load_llamacpp_generator(base_model, lora_weights, prompt_template, chat_template, gguf_type,
+                                   threads or decoding_threads(serving=not batch_mode))
 
 
 def pick_quantization_flag(load_8bit: bool, load_4bit: bool) -> str:

@@ -3,14 +3,17 @@
     python benchmarks/bench_generate.py                  # CPU, the embedded SmolLM2-135M (about 25 minutes on 2 cores)
     python benchmarks/bench_generate.py --configs fp32,bf16-compiled --llama f32,bf16 --rounds 1
     python benchmarks/bench_generate.py --smoke          # a minute: every path on a tiny random model, no llama.cpp
+    python benchmarks/bench_generate.py --configs llama.cpp-backend,llama.cpp-backend-f16 --llama q4_1,f16
 
 Each transformers configuration is a real generate.py server (the demo and the OpenAI-compatible API, in its own
 subprocess, on a free port), timed over HTTP as users reach it: the Instruction tab through gradio_client, the API
 with streamed chat completions. For each request: the first-token latency (request sent to first text received)
 and the decoding speed, (tokens - 1) / (last text - first text); with 4 concurrent requests also the tokens/s of all
 of them together. llama.cpp (llama-cpp-python, when installed) answers the same Alpaca prompt in-process from GGUF
-exports of the same weights (export_gguf.py) at each precision. Configurations take turns scenario by scenario, so
-that other work on a shared machine slows them alike; the load average is recorded next to every figure.
+exports of the same weights (export_gguf.py) at each precision. generate.py --backend llama.cpp serves the same
+file types (the shipped Q4_1 file, an f16 export; an adapter as a GGUF LoRA, where these exports merge it), held to
+within 10% of llama.cpp's own tokens/s. Configurations take turns scenario by scenario, so that other work on a
+shared machine slows them alike; the load average is recorded next to every figure.
 Writes benchmarks/results/generate-<machine>.json and prints a table.
 """
 
@@ -42,6 +45,9 @@ CONFIGS = {
     "bf16": dict(bf16=True, compile=False),
     "bf16-compiled": dict(bf16=True, compile=True),  # the demo's default on a CPU with native bf16
     "bf16-compiled-all-cores": dict(bf16=True, compile=True, threads="cores"),
+    # generate.py --backend llama.cpp: the embedded model's own Q4_1 file, and the base exported at f16
+    "llama.cpp-backend": dict(backend="llama.cpp"),
+    "llama.cpp-backend-f16": dict(backend="llama.cpp", gguf_type="f16"),
 }
 # scenario -> (path, sampling, concurrent requests); "stream off" runs the demo's 4-beam search.
 SCENARIOS = {
@@ -57,6 +63,11 @@ SCENARIOS = {
 }
 LLAMA_SCENARIOS = {"tab greedy": GREEDY, "tab demo sliders": DEMO}  # same prompt and sampling, no server
 LLAMA_FILES = ["f32", "bf16", "f16", "q8_0", "q4_1"]  # transformers has f32 and bf16 on CPU
+
+
+def backend(name: str) -> bool:
+    """Whether a configuration is generate.py --backend llama.cpp."""
+    return "backend" in CONFIGS.get(name, {})
 
 
 # ---------------------------------------------------------------- one request, timed
@@ -321,9 +332,13 @@ def summary(results: dict) -> dict:
 
 def verdict(table: dict, threads: str) -> list[str]:
     """The issue's bar: greedy decoding within 2x of llama.cpp's tokens/s at the same precision (llama.cpp on the
-    physical cores, its fastest), first token under 0.5 s; on the Instruction tab, as users see it, and the API."""
+    physical cores, its fastest), first token under 0.5 s; on the Instruction tab, as users see it, and the API.
+    --backend llama.cpp: within 10% of llama.cpp's own tokens/s on the same file (llama_backend_verdict)."""
     lines = []
     for name in table:
+        if CONFIGS.get(name, {}).get("backend"):
+            lines += llama_backend_verdict(table, name)
+            continue
         precision = "bf16" if CONFIGS.get(name, {}).get("bf16") else "f32"
         theirs = table.get(f"llama.cpp {precision}", {}).get("tab greedy", {}).get("decode_tokens_per_s")
         for scenario in ("tab greedy", "api greedy") if name in CONFIGS and theirs else ():
@@ -333,6 +348,25 @@ def verdict(table: dict, threads: str) -> list[str]:
                 ok = ratio >= 0.5 and ours["first_token_s"] < 0.5
                 lines.append(f"{name}, {scenario}: {ratio:.2f}x llama.cpp {precision}'s tokens/s ({threads} threads), "
                              f"first token {ours['first_token_s']:.3f} s: {'within' if ok else 'NOT within'} the bar")
+    return lines
+
+
+def llama_backend_verdict(table: dict, name: str) -> list[str]:
+    """generate.py --backend llama.cpp against llama.cpp itself on the same file type (its faster thread count):
+    greedy decoding within 10% of its tokens/s, on the Instruction tab and the API."""
+    outtype = CONFIGS[name].get("gguf_type", "q4_1")
+    rows = [(row, table[row]["tab greedy"]["decode_tokens_per_s"]) for row in table
+            if row.split(" ")[:2] == ["llama.cpp", outtype] and table[row].get("tab greedy", {}).get("decode_tokens_per_s")]
+    if not rows:
+        return []
+    best, theirs = max(rows, key=lambda r: r[1])
+    lines = []
+    for scenario in ("tab greedy", "api greedy"):
+        ours = table[name].get(scenario, {}).get("decode_tokens_per_s")
+        if ours:
+            ratio = ours / theirs
+            lines.append(f"{name}, {scenario}: {ratio:.2f}x {best}'s tokens/s: "
+                         f"{'within' if ratio >= 0.9 else 'NOT within'} 10% of llama.cpp")
     return lines
 
 
@@ -390,7 +424,9 @@ def main(
     from utils.generation import physical_cores
 
     check_values(dict(max_new_tokens=max_new_tokens, threads=threads))
-    names = [c for c in configs.split(",") if c] or list(CONFIGS)
+    llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    # by default the llama.cpp backend's configurations where llama.cpp is installed, and never in --smoke
+    names = [c for c in configs.split(",") if c] or [c for c in CONFIGS if (llama_cpp and not smoke) or not backend(c)]
     picked = [s for s in scenarios.split(",") if s] or list(SCENARIOS)
     outtypes = [] if llama == "none" or smoke else [t for t in llama.split(",") if t] or list(LLAMA_FILES)
     counts = [c for c in str(llama_threads).split(",") if c] or list(dict.fromkeys([str(physical_cores()), "1"]))
@@ -399,12 +435,13 @@ def main(
                 (bool(set(names) - set(CONFIGS)), f"unknown configuration(s): choose from {', '.join(CONFIGS)}"),
                 (bool(set(picked) - set(SCENARIOS)), f"unknown scenario(s): choose from {', '.join(SCENARIOS)}"),
                 (bool(set(outtypes) - set(LLAMA_FILES)), f"unknown llama.cpp file(s): choose from {', '.join(LLAMA_FILES)}"),
-                (bool(llama) and llama != "none" and importlib.util.find_spec("llama_cpp") is None,
-                 "--llama needs llama-cpp-python (the README's Performance section says how to build it)")]
+                (((bool(llama) and llama != "none") or any(map(backend, names))) and not llama_cpp,
+                 "--llama and the llama.cpp backend need llama-cpp-python (the README's Performance section says how "
+                 "to build it)")]
     for bad, message in problems:
         if bad:
             raise UserError(message)
-    if importlib.util.find_spec("llama_cpp") is None:
+    if not llama_cpp:
         outtypes = []
 
     from utils.models import load_tokenizer, resolve_base_model

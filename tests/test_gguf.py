@@ -17,6 +17,7 @@ import torch
 
 from families import FAMILIES, make_family_model
 from gen_helpers import make_adapter
+from utils.generation import Settings
 from utils.prompts import Prompter
 
 QUICK_START = Prompter().generate_prompt("Tell me about alpacas.")  # the README's quick-start prompt
@@ -260,3 +261,145 @@ def test_bench_gguf_smoke(llama_cpp, tmp_path, tiny_model, adapters, alpaca_file
     assert list(result["types"]) == ["f32", "q8_0"] and result["cpu"] and result["cpus"] >= 1  # the machine, recorded
     assert all(np.isfinite(t["perplexity"]) and t["size_mib"] > 0 for t in result["types"].values())
     assert result["types"]["f32"]["same_leading_tokens_as_transformers"] == result["types"]["f32"]["answer_tokens"]
+
+
+# --- generate.py --backend llama.cpp (utils/llama_backend.py) --------------------------------------------------------
+
+GREEDY = Settings(temperature=0, num_beams=1, max_new_tokens=24)
+QUESTIONS = ["Tell me about alpacas.", "Name three colours.", "Translate into Spanish: I like llamas."]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Where the backend caches its GGUF exports, in a test folder (the user's cache stays as it was)."""
+    from utils import llama_backend
+
+    folder = tmp_path_factory.mktemp("gguf-exports")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(llama_backend, "exports_dir", lambda: folder)
+    yield folder
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def hf_gen(tiny_model, adapters):
+    """The transformers path (float32) on the tiny LLaMA + adapter: what the llama.cpp backend is held to."""
+    from utils.generation import load_generator
+
+    return load_generator(str(tiny_model), str(adapters[tiny_model]), device="cpu")
+
+
+def llama_gen(tiny_model, adapters, gguf_type: str = ""):
+    from utils.llama_backend import load_llamacpp_generator
+
+    return load_llamacpp_generator(str(tiny_model), str(adapters[tiny_model]), gguf_type=gguf_type)
+
+
+@pytest.fixture(scope="module")
+def llama_f16(llama_cpp, exports, tiny_model, adapters):
+    return llama_gen(tiny_model, adapters)  # an HF base: exported at the default type, f16
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_backend_greedy_answers_equal_transformers(llama_cpp, exports, tiny_model, adapters, hf_gen, gguf_type):
+    """The adapter applied at run time as a GGUF LoRA, the prompt as the HF tokenizer's ids: the same greedy tokens,
+    text, counts and finish reasons as the transformers path, prompt by prompt."""
+    gen = llama_gen(tiny_model, adapters, gguf_type)
+    assert f"{Path(adapters[tiny_model]).name}-adapter-f32-" in Path(gen.model.lora_path).name  # the GGUF LoRA
+    prompts = [hf_gen.render(q) for q in QUESTIONS]
+    got, want = gen.complete(prompts, GREEDY), hf_gen.complete(prompts, GREEDY)
+    assert [c.text for c in got] == [c.text for c in want] and all(c.text for c in got)
+    assert [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in got] == \
+        [(c.prompt_tokens, c.completion_tokens, c.finish_reason) for c in want]
+
+
+def test_backend_exports_once_and_applies_the_adapter(llama_cpp, exports, tiny_model, adapters, llama_f16, hf_gen):
+    """A second load reuses the cached files; without the adapter the answers change (the LoRA is applied)."""
+    from utils.llama_backend import load_llamacpp_generator
+
+    files = sorted(p.name for p in exports.glob("*.gguf"))
+    again = llama_gen(tiny_model, adapters)
+    assert sorted(p.name for p in exports.glob("*.gguf")) == files
+    plain = load_llamacpp_generator(str(tiny_model))
+    prompts = [hf_gen.render(q) for q in QUESTIONS]
+    assert [c.text for c in plain.complete(prompts, GREEDY)] != [c.text for c in again.complete(prompts, GREEDY)]
+
+
+def test_backend_settings_apply(llama_f16):
+    """max tokens ends with "length"; top_k 1 samples the greedy answer; a stopped request ends "cancelled"."""
+    import threading
+
+    prompt = llama_f16.render(QUESTIONS[0])
+    greedy = llama_f16.complete([prompt], GREEDY)[0]
+    short = llama_f16.complete([prompt], Settings(temperature=0, num_beams=4, max_new_tokens=3))[0]  # one beam
+    assert (short.completion_tokens, short.finish_reason) == (3, "length")
+    top1 = llama_f16.complete([prompt], Settings(temperature=1.5, top_k=1, num_beams=1, max_new_tokens=24))[0]
+    assert top1.text == greedy.text
+    stop = threading.Event()
+    stop.set()
+    assert llama_f16.complete([prompt], GREEDY, stop)[0].finish_reason == "cancelled"
+
+
+def test_backend_engine_queues_one_at_a_time(llama_f16):
+    """The demo's and the API's pool (serving.engine_for): one sequence runs, the rest wait first come, first
+    served; a full queue is QueueFull; a stopped waiting request ends without running."""
+    from utils.llama_backend import LlamaCppEngine
+    from utils.serving import QueueFull, engine_for
+
+    engine = engine_for(llama_f16, max_running=16, max_waiting=2)
+    assert isinstance(engine, LlamaCppEngine) and engine.max_running == 1
+    try:
+        prompt = llama_f16.render(QUESTIONS[0])
+        long = Settings(temperature=0, num_beams=1, max_new_tokens=200)
+        first = engine.stream(prompt, long)
+        waiting = [engine.stream(prompt, GREEDY), engine.stream(prompt, GREEDY)]
+        with pytest.raises(QueueFull):
+            engine.stream(prompt, GREEDY)
+        assert not waiting[0].tokens  # not started while the first runs
+        waiting[1].stop()
+        first.stop()
+        assert "".join(waiting[0]) == llama_f16.complete([prompt], GREEDY)[0].text
+        assert first.completion.finish_reason == "cancelled"
+        assert waiting[1].completion.finish_reason == "cancelled" and not waiting[1].tokens
+        assert engine.busy == 0
+    finally:
+        engine.close()
+
+
+def test_backend_serves_the_api(llama_f16):
+    """The OpenAI-compatible API over the llama.cpp backend: whole and streamed answers, a stop string, max_tokens."""
+    import openai
+    from gen_helpers import serving
+
+    from utils import demo
+    from utils.api import ApiSettings
+
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    app = demo.build_app(llama_f16, GREEDY, chat=llama_f16.chat, api=ApiSettings(model="tiny", max_tokens=64))
+    expected = llama_f16.complete([llama_f16.chat.render(messages, add_generation_prompt=True)], GREEDY)[0]
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24)
+        assert reply.choices[0].message.content == expected.text
+        assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (expected.completion_tokens, "length")
+        streamed = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.text
+        stop = expected.text.split()[2]
+        cut = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=24, stop=stop)
+        assert cut.choices[0].message.content == expected.text[:expected.text.index(stop)].strip()
+        assert cut.choices[0].finish_reason == "stop"
+        short = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=2)
+        assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (2, "length")
+    assert app.engine.busy == 0
+
+
+def test_backend_batch_mode(llama_cpp, exports, tiny_model, adapters, hf_gen, capsys, monkeypatch):
+    """generate.py --backend llama.cpp --instruction prints transformers' greedy answer and nothing else."""
+    import generate
+
+    monkeypatch.setattr(generate, "launch", lambda *a, **k: pytest.fail("the server started"))
+    generate.main(base_model=str(tiny_model), lora_weights=str(adapters[tiny_model]), backend="llama.cpp",
+                  instruction=QUESTIONS[1], temperature=0, max_new_tokens=12)
+    expected = hf_gen.complete([hf_gen.render(QUESTIONS[1])], Settings(temperature=0, num_beams=1, max_new_tokens=12))[0]
+    captured = capsys.readouterr()
+    assert captured.out == expected.text + "\n" and "--num_beams 4 is ignored" in captured.err

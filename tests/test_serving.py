@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 from gen_helpers import make_adapter, never_eos, slowed
 
 from utils.generation import Settings, load_generator, unwrapped
@@ -205,3 +206,19 @@ def test_the_engine_answers_while_its_step_compiles_then_switches_between_steps(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert calls.count(engine.thread) >= 12  # the lone row's steps went through the compiled step
     assert (jobs[-1].completion.text, jobs[-1].completion.completion_tokens) == (eager.text, eager.completion_tokens)
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(0.1, 0.75, 40), (1.5, 0.9, 3), (0.7, 1.0, 50), (1.0, 0.5, 0)])
+def test_llama_backend_samples_as_transformers_warpers_do(temperature, top_p, top_k):
+    """utils.llama_backend warps only the top_k most likely tokens: the distribution over the whole vocabulary is the
+    one transformers' warpers give."""
+    from utils.llama_backend import candidates
+    from utils.serving import warpers
+
+    torch.manual_seed(0)
+    logits = torch.randn(1000) * 0.3  # at temperature 0.1, several tokens still have a chance
+    warp = warpers(Settings(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=1))
+    want = warp(None, logits[None].clone())[0].softmax(dim=-1)
+    probs, ids = candidates(logits.clone(), warp, top_k)
+    got = torch.zeros_like(want).index_put_((ids,), probs)
+    assert torch.allclose(got, want, atol=1e-7) and int((want > 0).sum()) > 1

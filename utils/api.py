@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from utils.chat import ChatTemplate, parse_messages
 from utils.cli import UserError
 from utils.generation import Completion, Generator, PromptTooLong, Settings
-from utils.serving import Engine, Job, QueueFull
+from utils.serving import Engine, Job, QueueFull, engine_for
 
 RETRY_AFTER_S = 5  # what a 503 asks a client to wait before trying again
 
@@ -112,7 +112,7 @@ def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, a
     if engine is None:
         from utils.demo import MAX_RUNNING, MAX_WAITING
 
-        engine = Engine(generator, MAX_RUNNING, MAX_WAITING)
+        engine = engine_for(generator, MAX_RUNNING, MAX_WAITING)
     service = Service(generator, chat, defaults, api, credentials, engine, int(time.time()))
     router = APIRouter(prefix="/v1")
 

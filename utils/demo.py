@@ -131,11 +131,11 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
 
     from utils.chat import load_chat_template
 
-    from utils.serving import Engine
+    from utils.serving import engine_for
 
     chat = chat or load_chat_template("", generator.tokenizer)
     stops = SessionStops()
-    engine = Engine(generator, max_running=concurrency_limit, max_waiting=max_queue)
+    engine = engine_for(generator, max_running=concurrency_limit, max_waiting=max_queue)
     if generator.compiled and not generator.compile_pending:
         engine.warm_up()
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:

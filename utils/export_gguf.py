@@ -11,10 +11,7 @@ import torch
 
 from utils.cli import UserError
 from utils.export import head_dim, save_tokenizer
-from utils.llamacpp import QUANT_TYPES, quantize, run_converter
-
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter itself
-OUTTYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)  # the rest by llama.cpp's quantizer
+from utils.llamacpp import CONVERTER_TYPES, OUTTYPES, QUANT_TYPES, quantize, run_converter
 OUTTYPE_ALIASES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
                    "bfloat16": "bf16", "q8": "q8_0", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 

@@ -334,34 +334,23 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
     CPU, models.pick_dtype on GPUs); `compile`: Generator.compile, now, or with `compile_in_background` later, by the
     server that answers meanwhile (serving.Engine.compile_in_background)."""
     from utils import models
-    from utils.chat import trained_chat_template
 
-    if chat_template not in (None, "", "tokenizer"):
-        read_template(chat_template, "chat template")  # a typo fails now, not after the model has loaded
-    if lora_weights:
-        models.check_adapter_dir(lora_weights)  # before the slow part: a typo fails in a second
-    prompter = Prompter(adapter_prompt_template(prompt_template, lora_weights))
-    base_model = models.choose_base_model(base_model, lora_weights)
     device = models.pick_device(device)
     quantization = models.pick_quantization(quantization, device)
-    path = models.resolve_base_model(base_model)
-    if lora_weights:
-        models.check_adapter_fits(path, lora_weights)
-    tokenizer = models.load_tokenizer(path)
-    chat = trained_chat_template(chat_template, lora_weights, tokenizer, prompter) if chat_template is not None else None
+    prepared = prepare_model(base_model, lora_weights, prompt_template, chat_template)
     dtype = dtype or models.load_dtype(device)
-    print(f"Loading {base_model or 'the embedded SmolLM2-135M-Instruct'}"
+    print(f"Loading {prepared.base_model or 'the embedded SmolLM2-135M-Instruct'}"
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
           f"({str(dtype).removeprefix('torch.') if quantization == 'none' else quantization})", file=sys.stderr, flush=True)
-    model = models.load_model(path, quantization, device, dtype=dtype)
+    model = models.load_model(prepared.path, quantization, device, dtype=dtype)
     if lora_weights:
         try:
             model = models.load_adapter(model, lora_weights)
         except (OSError, ValueError) as err:  # a hub id that is absent or unreachable, a malformed config
             raise UserError(f"could not load adapter '{lora_weights}': {str(err).splitlines()[0]}") from None
-    generator = Generator(model, tokenizer, prompter)
-    generator.chat = chat
-    generator.base_model = base_model
+    generator = Generator(model, prepared.tokenizer, prepared.prompter)
+    generator.chat = prepared.chat
+    generator.base_model = prepared.base_model
     if compile and compile_in_background:
         print("The decoding step compiles in the background: answers are uncompiled until it is in use",
               file=sys.stderr, flush=True)
@@ -370,3 +359,35 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
         print("Compiling the decoding step (once, at start)", file=sys.stderr, flush=True)
         generator.compile()
     return generator
+
+
+@dataclass
+class Prepared:
+    """What every backend needs before it loads weights: the base as chosen and its loadable path, the tokenizer,
+    the prompt template and the chat template (None: no chat)."""
+
+    base_model: str
+    path: str
+    tokenizer: object
+    prompter: Prompter
+    chat: object
+
+
+def prepare_model(base_model: str, lora_weights: str, prompt_template: str, chat_template: Optional[str]) -> Prepared:
+    """Choose the base, check the adapter fits it (from shapes alone) and load the tokenizer and templates: the
+    user's mistakes fail here, in seconds, before any weights load."""
+    from utils import models
+    from utils.chat import trained_chat_template
+
+    if chat_template not in (None, "", "tokenizer"):
+        read_template(chat_template, "chat template")  # a typo fails now, not after the model has loaded
+    if lora_weights:
+        models.check_adapter_dir(lora_weights)  # before the slow part: a typo fails in a second
+    prompter = Prompter(adapter_prompt_template(prompt_template, lora_weights))
+    base_model = models.choose_base_model(base_model, lora_weights)
+    path = models.resolve_base_model(base_model)
+    if lora_weights:
+        models.check_adapter_fits(path, lora_weights)
+    tokenizer = models.load_tokenizer(path)
+    chat = trained_chat_template(chat_template, lora_weights, tokenizer, prompter) if chat_template is not None else None
+    return Prepared(base_model, path, tokenizer, prompter, chat)

@@ -1,11 +1,13 @@
 """llama.cpp's own tools, always of the version llama-cpp-python runs: its converters (convert_hf_to_gguf.py,
-convert_lora_to_gguf.py, taken from that version's source package, which carries llama.cpp whole) and its quantizer.
+convert_lora_to_gguf.py, taken from that version's source package, which carries llama.cpp whole) and its quantizer;
+and generate.py --backend's flag checks (the backend itself: utils/llama_backend.py).
 
 Using llama.cpp's converter rather than a writer of our own keeps every export in step with the runtime that reads
 it: new architectures, tokenizer names (tokenizer.ggml.pre) and tensor layouts arrive with a new llama.cpp, and
 the converter matching the installed runtime never writes something that runtime does not know.
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import tarfile
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Optional
 
 from utils.cli import UserError, log
 
@@ -32,6 +35,39 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 # --outtype -> llama.cpp's file type name (llama_cpp.LLAMA_FTYPE_MOSTLY_*) for the types its quantizer makes.
 QUANT_TYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter itself
+OUTTYPES = CONVERTER_TYPES + tuple(QUANT_TYPES)  # the rest by llama.cpp's quantizer
+BACKENDS = ("transformers", "llama.cpp")  # generate.py --backend
+
+
+def check_backend(backend: str, gguf_type: str, lora_weights: str, device: str, load_8bit: bool = False,
+                  load_4bit: bool = False, bf16: Optional[bool] = None, compile: Optional[bool] = None) -> str:
+    """generate.py --backend, checked with the flags it cannot honour: each a one-line UserError, in a millisecond."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown --backend {backend!r}: choose {' or '.join(BACKENDS)}")
+    if backend == "transformers":
+        if gguf_type:
+            raise UserError("--gguf_type applies to --backend llama.cpp: drop it, or add --backend llama.cpp")
+        return backend
+    hub_adapter = (bool(lora_weights) and not Path(lora_weights).expanduser().exists()
+                   and not lora_weights.startswith((".", "/", "~")) and lora_weights.count("/") == 1)
+    problems = [
+        (load_8bit or load_4bit, f"--load_{'8' if load_8bit else '4'}bit is bitsandbytes' (--backend transformers); "
+                                 "llama.cpp's quantized types come with the GGUF: --gguf_type q8_0 or q4_k_m"),
+        (bool(compile), "--compile compiles transformers' decoding step: drop it with --backend llama.cpp"),
+        (bool(bf16), "--bf16 is transformers' dtype: with --backend llama.cpp pass --gguf_type bf16"),
+        (device not in ("auto", "cpu"), f"--backend llama.cpp runs on the CPU here: drop --device {device}, "
+                                        "or use --backend transformers"),
+        (bool(gguf_type) and gguf_type not in OUTTYPES, f"unknown --gguf_type {gguf_type!r}: choose {', '.join(OUTTYPES)}"),
+        (hub_adapter, f"--backend llama.cpp converts the adapter to a GGUF LoRA from a local directory: download "
+                      f"{lora_weights} first (e.g. `hf download {lora_weights} --local-dir ./adapter`)"),
+        (importlib.util.find_spec("llama_cpp") is None, f"--backend llama.cpp needs llama-cpp-python: run `{INSTALL}` "
+                                                        "(it builds llama.cpp, about 12 minutes on 2 cores)"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+    return backend
 
 
 def runtime_version() -> str:

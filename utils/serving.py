@@ -401,6 +401,12 @@ class Engine:
         job._notify()
 
 
+def engine_for(generator: Generator, max_running: int, max_waiting: int) -> Engine:
+    """The server's pool for a generator: its `engine_class` (llama.cpp's one sequence at a time,
+    utils.llama_backend), else this module's batched Engine."""
+    return getattr(generator, "engine_class", Engine)(generator, max_running=max_running, max_waiting=max_waiting)
+
+
 def merge(cache, mask: Optional[torch.Tensor], new_cache, new_mask: torch.Tensor):
     """The batch's cache and mask with a new row appended, both left-padded to the longer length."""
     if cache is None:

@@ -1,0 +1,230 @@
+"""generate.py --backend llama.cpp: the same demo, batch mode and OpenAI-compatible API, answered by llama.cpp
+(llama-cpp-python) from GGUF files. The base is a GGUF file: the embedded model's own (Q4_1), a --base_model .gguf
+as given, or any other base exported once by llama.cpp's converter at --gguf_type (default f16) into the cache. The
+adapter becomes a GGUF LoRA (export_gguf.py --adapter_only, f32, made once and cached) that llama.cpp applies at
+run time, unmerged.
+
+What stays the transformers path's: the prompt (the adapter's template, or the chat template), its token ids (the HF
+tokenizer's, handed to llama.cpp as ids), the answer's text (decoded by the HF tokenizer, so stop strings and
+characters split across tokens behave alike), the EOS ids, and the choice of each token: greedy is the argmax of
+llama.cpp's logits, sampling applies transformers' own warpers to them (temperature, top-k, then top-p; llama.cpp's
+own sampler chain applies top-p before the temperature). One beam: --num_beams is ignored, as when streaming.
+
+A llama_cpp.Llama is not thread-safe and computes one sequence at a time here: requests wait first come, first served
+in front of it (utils.serving's Job objects, streamed as they are generated; QueueFull past --max_queue).
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from utils.cli import UserError
+from utils.generation import Completion, Generator, Prepared, Settings
+from utils.serving import Engine, Job
+
+DEFAULT_GGUF_TYPE = "f16"  # an exported base: greedy answers as transformers' float32 ones (tests/test_llama_backend.py)
+LORA_TYPE = "f32"  # the adapter is small: kept exact
+MAX_CONTEXT = 8192  # llama.cpp allocates its KV cache whole at load: a 128K-context base would take gigabytes
+
+
+# --- the GGUF files -------------------------------------------------------------------------------------------------
+
+def gguf_files(prepared: Prepared, lora_weights: str, gguf_type: str) -> tuple[Path, Optional[Path]]:
+    """(the base's GGUF, the adapter's GGUF LoRA or None): files as given, or exports made once into the cache."""
+    from utils.models import EMBEDDED_NAME, embedded_gguf
+
+    base = prepared.base_model
+    if not gguf_type and base.endswith(".gguf"):
+        base_file = Path(base).expanduser()
+    elif not gguf_type and base in ("", EMBEDDED_NAME):
+        base_file = embedded_gguf()
+    else:
+        outtype = gguf_type or DEFAULT_GGUF_TYPE
+        base_file = cached_export(f"{Path(base or EMBEDDED_NAME).stem}-{outtype}", [prepared.path, outtype],
+                                  dict(base_model=base, outtype=outtype))
+    if not lora_weights:
+        return base_file, None
+    lora_file = cached_export(f"{Path(lora_weights).name}-adapter-{LORA_TYPE}", [lora_weights, prepared.path],
+                              dict(base_model=base, lora_weights=lora_weights, outtype=LORA_TYPE, adapter_only=True))
+    return base_file, lora_file
+
+
+def fingerprint(items: list[str]) -> str:
+    """A short hash of paths (each file's path, size and modification time; a folder's files) or names (Hub ids),
+    with the llama.cpp version whose converter writes the files."""
+    from utils.llamacpp import runtime_version
+
+    parts = [runtime_version()]
+    for item in items:
+        path = Path(item).expanduser()
+        files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        parts += [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files] or [str(item)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def exports_dir() -> Path:
+    from utils.models import cache_root
+
+    return cache_root() / "gguf-exports"
+
+
+def cached_export(name: str, sources: list[str], args: dict) -> Path:
+    """export_gguf.py's file for `args`, made once into the cache (a changed source makes a new one)."""
+    from export_gguf import export
+
+    target = exports_dir() / f"{name}-{fingerprint(sources)}.gguf"
+    if not target.is_file():
+        print(f"Exporting {name} for llama.cpp (once; cached in {target.parent})", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(sys.stderr):  # --instruction prints its answer alone on stdout
+            export(output_file=str(target), overwrite=True, **args)
+    return target
+
+
+# --- the generator and its engine -------------------------------------------------------------------------------------
+
+class LlamaCppGenerator(Generator):
+    """Generator's surface over a llama_cpp.Llama (`model`): render, prompt_tokens and check_length are inherited
+    (the HF tokenizer's); complete() and the engine decode with llama.cpp. Not Generator.__init__: no torch model."""
+
+    def __init__(self, llm, prepared: Prepared):
+        self.model = llm
+        self.tokenizer, self.prompter, self.chat = prepared.tokenizer, prepared.prompter, prepared.chat
+        self.base_model = prepared.base_model
+        self.compiled = self.compile_pending = False
+        self.lock = threading.Lock()  # one generation at a time in this Llama, whichever engine runs it
+        self._eos = eos_ids(prepared)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.n_ctx()
+
+    def eos_ids(self) -> set[int]:
+        return self._eos
+
+    def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
+        """The prompt's HF token ids (the engine takes one prompt at a time); too long for the context raises."""
+        [prompt] = prompts
+        ids = self.tokenizer(prompt)["input_ids"]
+        self.check_length(len(ids), max_new_tokens)
+        return {"input_ids": torch.tensor([ids])}
+
+    def stream(self, *args, **kwargs):
+        raise NotImplementedError("stream through the server's pool: serving.engine_for(generator, ...).stream(...)")
+
+    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
+        """Whole answers, one after another, through a private engine (one beam)."""
+        engine = LlamaCppEngine(self, max_waiting=len(prompts))
+        try:
+            return engine.complete(prompts, settings, stop)
+        finally:
+            engine.close()
+
+    def compile(self, now: bool = True) -> None:
+        raise UserError("--compile compiles transformers' decoding step: drop it with --backend llama.cpp")
+
+
+def eos_ids(prepared: Prepared) -> set[int]:
+    """The EOS ids transformers stops at (Generator.eos_ids): the tokenizer's and the generation config's."""
+    from transformers import GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(prepared.path).eos_token_id
+    except OSError:  # no generation_config.json
+        configured = None
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [prepared.tokenizer.eos_token_id, *ids] if i is not None}
+
+
+class LlamaCppEngine(Engine):
+    """utils.serving.Engine's queue, Jobs, stop strings and finish reasons, over one llama.cpp sequence at a time:
+    the next request waits until the running one has ended (first come, first served)."""
+
+    def __init__(self, generator: LlamaCppGenerator, max_waiting: int, max_running: int = 1):
+        # max_running: serving.engine_for passes --concurrency_limit; llama.cpp runs one sequence whatever it is.
+        super().__init__(generator, max_running=1, max_waiting=max_waiting)
+
+    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
+        return super().complete(prompts, dataclasses.replace(settings.checked(), num_beams=1), stop)
+
+    def _serve(self) -> None:
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self.waiting or self.closed)
+                if self.closed and not self.waiting:
+                    return
+                self._drop_stopped_waiting()
+                job = self.waiting.popleft() if self.waiting else None
+                if job:
+                    self.running.append(job)
+            if job:
+                self._guarded(self._generate, [job])
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """Prefill the prompt, then one token at a time until the job ends (Engine._append retires it). A list of
+        one, as Engine._guarded hands a failure to the jobs it was given."""
+        [job], llm = jobs, self.model
+        with self.generator.lock:
+            llm.reset()  # each request evaluates its whole prompt
+            llm.eval(job.input_ids[0].tolist())
+            while True:
+                if job.stop_event.is_set():
+                    self._retire(job, "cancelled")
+                    return
+                self._append(job, self._pick(job))
+                if job.done:
+                    return
+                llm.eval(job.tokens[-1:])
+
+    def _pick(self, job: Job) -> int:
+        """The next token from the last position's logits: their argmax, or a draw from `candidates`."""
+        import llama_cpp
+
+        llm = self.model
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        if job.warp is None:
+            return int(logits.argmax())
+        probs, ids = candidates(torch.from_numpy(logits.copy()), job.warp, job.settings.top_k)
+        return int(ids[int(torch.multinomial(probs, 1))])
+
+
+def candidates(logits: torch.Tensor, warp, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids) of the tokens a sampled answer may take next: transformers' warpers (temperature,
+    top-k, top-p) applied, with a top_k, to the top_k most likely tokens only. The same distribution, as the others
+    get probability 0 either way, without sorting the whole vocabulary for top-p at every token."""
+    ids = torch.arange(len(logits))
+    if 0 < top_k < len(logits):
+        logits, ids = torch.topk(logits, top_k)
+    return warp(None, logits[None])[0].softmax(dim=-1), ids
+
+
+LlamaCppGenerator.engine_class = LlamaCppEngine  # what serving.engine_for builds for the demo and the API
+
+
+def load_llamacpp_generator(base_model: str = "", lora_weights: str = "", prompt_template: str = "",
+                            chat_template: Optional[str] = "", gguf_type: str = "", threads: int = 1) -> LlamaCppGenerator:
+    """Base (+ adapter) in llama.cpp, ready to answer: what load_generator checks and chooses (utils.generation.
+    prepare_model), the GGUF files (gguf_files), then the Llama with the GGUF LoRA applied at run time."""
+    import llama_cpp
+
+    from utils.generation import prepare_model
+    from utils.models import read_config
+
+    prepared = prepare_model(base_model, lora_weights, prompt_template, chat_template)
+    base_file, lora_file = gguf_files(prepared, lora_weights, gguf_type)
+    context = min(read_config(prepared.path).get("max_position_embeddings") or MAX_CONTEXT, MAX_CONTEXT)
+    print(f"Loading {base_file.name}{' + GGUF LoRA ' + lora_file.name if lora_file else ''} in llama.cpp "
+          f"({threads} thread{'s' if threads > 1 else ''}, {context}-token context)", file=sys.stderr, flush=True)
+    try:
+        llm = llama_cpp.Llama(str(base_file), lora_path=str(lora_file) if lora_file else None, n_ctx=context,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+    except (ValueError, RuntimeError) as err:  # llama.cpp's "Failed to load model from file", an unknown type
+        raise UserError(f"llama.cpp could not load {base_file}{' + ' + str(lora_file) if lora_file else ''}: "
+                        f"{str(err).splitlines()[0]}") from None
+    return LlamaCppGenerator(llm, prepared)
