@@ -129,3 +129,21 @@ def serving(app, auth=None):
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def hold_back_inductor(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make torch.compile stop in the middle of compiling (dynamo has traced, inductor waits) until `go` is set;
+    `reached` is set once it waits there. Graphs an earlier test compiled in this process are forgotten first."""
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    torch._dynamo.reset()
+    reached, go, real = threading.Event(), threading.Event(), torch._inductor.compile_fx.compile_fx
+
+    def held_back(*args, **kwargs):
+        reached.set()
+        assert go.wait(120), "the test never let the compiler go on"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", held_back)
+    return reached, go

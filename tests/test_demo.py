@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from gen_helpers import ARTIFACTS, REPO, answering, free_port, make_adapter, serving, slowed
+from gen_helpers import ARTIFACTS, REPO, answering, free_port, hold_back_inductor, make_adapter, serving, slowed
 
 from utils import demo
 from utils.generation import Settings, load_generator
@@ -157,18 +157,8 @@ def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
 def test_the_demo_answers_while_its_decoding_step_compiles(tiny_model, monkeypatch):
     """generate.py's default on CPU: the page answers before the compiled step is ready (inductor is held back here),
     and after the switch the same greedy answer comes through the compiled step."""
-    import torch._dynamo
-    import torch._inductor.compile_fx
+    reached, go = hold_back_inductor(monkeypatch)
 
-    torch._dynamo.reset()  # compile anew, not from the graphs an earlier test compiled in this process
-    reached, go, real = threading.Event(), threading.Event(), torch._inductor.compile_fx.compile_fx
-
-    def held_back(*args, **kwargs):
-        reached.set()
-        assert go.wait(120), "the test never let the compiler go on"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", held_back)
     compiling = load_generator(str(tiny_model), device="cpu", compile=True, compile_in_background=True)
     app = demo.build_app(compiling, DEFAULTS, title="tiny")
     with serving(app) as url:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from gen_helpers import make_adapter, never_eos, slowed
+from gen_helpers import hold_back_inductor, make_adapter, never_eos, slowed
 
 from utils.generation import Settings, load_generator, unwrapped
 from utils.serving import Engine, QueueFull, safe_end
@@ -92,8 +92,6 @@ def test_requests_arriving_during_a_prefill_may_fill_every_running_and_waiting_p
     """While the loop prefills the first request, the next ones arrive: 2 running + 2 waiting places take all 4,
     the 5th is turned away. (Counting only the queue turned away late arrivals that a free running place would
     take: 4 of 40 in CI.)"""
-    import threading
-
     engine = Engine(gen, max_running=2, max_waiting=2)
     prefilling, release = threading.Event(), threading.Event()
 
@@ -165,15 +163,8 @@ def test_the_engine_answers_while_its_step_compiles_then_switches_between_steps(
     waits), a request is answered, token for token the eager answer; once the compiled step is in use, a crowd
     joining and leaving compiles nothing more, and the lone row's greedy tokens are still the eager ones."""
     import torch._dynamo
-    import torch._inductor.compile_fx
 
-    torch._dynamo.reset()  # compile anew, not from the graphs an earlier test compiled in this process
-    reached, go, real = threading.Event(), threading.Event(), torch._inductor.compile_fx.compile_fx
-
-    def held_back(*args, **kwargs):
-        reached.set()
-        assert go.wait(120), "the test never let the compiler go on"
-        return real(*args, **kwargs)
+    reached, go = hold_back_inductor(monkeypatch)
 
     calls, real_compile = [], torch.compile
 
@@ -181,7 +172,6 @@ def test_the_engine_answers_while_its_step_compiles_then_switches_between_steps(
         compiled = real_compile(fn, **kwargs)
         return lambda *a, **kw: calls.append(threading.current_thread()) or compiled(*a, **kw)
 
-    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", held_back)
     monkeypatch.setattr(torch, "compile", counted_compile)
     gen = load_generator(str(tiny_model), device="cpu", compile=True, compile_in_background=True)
     assert gen.compile_pending and not gen.compiled  # nothing compiled at load
