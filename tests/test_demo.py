@@ -346,7 +346,10 @@ def test_python_generate_py_serves_the_embedded_model(browser, embedded_model):
         # Finished once the Submit event's progress indicator is gone from the output box.
         seen = watch_output(page, lambda value: value and not page.locator("#output .generating").count(), timeout=240)
         assert len(seen) >= 3, seen
-        assert "alpaca" in seen[-1].lower() and "### " not in seen[-1], seen[-1]
+        # The answer ends where the model starts another section of the prompt (utils.demo.first_answer); other
+        # headings it writes ("### Explanation:") are part of the answer.
+        assert "alpaca" in seen[-1].lower(), seen[-1]
+        assert not any(marker in seen[-1] for marker in Prompter("alpaca").section_markers()), seen[-1]
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
     finally:
