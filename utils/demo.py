@@ -136,7 +136,7 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
     chat = chat or load_chat_template("", generator.tokenizer)
     stops = SessionStops()
     engine = engine_for(generator, max_running=concurrency_limit, max_waiting=max_queue)
-    if generator.compiled and not generator.compile_pending:
+    if generator.compiled:  # compiled already (not pending): warm it up for the engine's calls now
         engine.warm_up()
     with gr.Blocks(title="Alpaca-LoRA", analytics_enabled=False) as app:
         gr.Markdown(f"# 🦙🌲 Alpaca-LoRA\n{title}: follows instructions and chats, answers stream as they are written.")

@@ -284,8 +284,6 @@ class Engine:
                 self._run_task(*task)
             if joining:
                 self._guarded(self._join, joining)
-                with self.lock:
-                    self.joining.clear()
             if self.running:
                 self._guarded(self._step)
 
@@ -383,7 +381,9 @@ class Engine:
         self._finish(job, reason)
 
     def _remove(self, job: Job) -> None:
-        """Take a job's row out of the batch (under the lock)."""
+        """Take a job's row out of the batch, or out of those being prefilled (under the lock)."""
+        if job in self.joining:
+            self.joining.remove(job)
         if job not in self.running:
             return
         keep = [i for i, j in enumerate(self.running) if j is not job]
