@@ -225,10 +225,14 @@ class Generator:
 
     def eos_ids(self) -> set[int]:
         """The tokenizer's EOS plus any the model's generation config adds (some chat models have several)."""
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = configured if isinstance(configured, list) else [configured]
-        return {i for i in [self.tokenizer.eos_token_id, *ids] if i is not None}
+        return stop_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
 
+
+
+def stop_ids(tokenizer, configured) -> set[int]:
+    """The tokenizer's EOS id plus the generation config's `eos_token_id` (an id, a list of them, or None)."""
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
 
 class TextStream:
     """One streamed generation: iterate for decoded text pieces; `stop()` ends it early; use it as a context manager

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from utils.cli import UserError
-from utils.generation import Completion, Generator, Prepared, Settings
+from utils.generation import Completion, Generator, Prepared, Settings, stop_ids
 from utils.serving import Engine, Job
 
 DEFAULT_GGUF_TYPE = "f16"  # an exported base: greedy answers as transformers' float32 ones (tests/test_llama_backend.py)
@@ -138,8 +138,7 @@ def eos_ids(prepared: Prepared) -> set[int]:
         configured = GenerationConfig.from_pretrained(prepared.path).eos_token_id
     except OSError:  # no generation_config.json
         configured = None
-    ids = configured if isinstance(configured, list) else [configured]
-    return {i for i in [prepared.tokenizer.eos_token_id, *ids] if i is not None}
+    return stop_ids(prepared.tokenizer, configured)
 
 
 class LlamaCppEngine(Engine):
