@@ -69,38 +69,21 @@ def main(
 
     check_values(locals())
     from utils import evaluation
-    from utils.data import DEFAULT_DATA_NAME, load_records, recorded_data_file
     from utils.generation import Settings, load_generator
-    from utils.models import check_adapter_dir, choose_base_model, run_arguments
+    from utils.models import check_adapter_dir
 
     if not lora_weights:
         raise UserError("--lora_weights is required: the adapter directory (finetune.py's --output_dir) to compare with its base")
     check_adapter_dir(lora_weights)
     if not (loss or answers):
         raise UserError("--loss False and --answers False leave nothing to do")
-    trained = run_arguments(lora_weights)
-    pick = lambda value, key, default: value if value is not None else trained.get(key, default)
-    every_record = data_path is not None and val_set_size is None
-    if data_path is None:  # the run's own held-out records
-        if val_set_size is None and not trained:
-            raise UserError(f"{lora_weights} has no training_args.json to find its held-out data: pass --data_path")
-        data_path = trained.get("data_path") or DEFAULT_DATA_NAME
-        val_set_size = pick(val_set_size, "val_set_size", None)  # unset in runs recorded before it was: the default
     settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
-    config = dict(
-        lora_weights=lora_weights, base_model=choose_base_model(base_model, lora_weights), data_path=data_path,
-        val_set_size=val_set_size, seed=pick(seed, "seed", 42), column_map=pick(column_map, "column_map", None),
-        cutoff_len=pick(cutoff_len, "cutoff_len", 256), add_eos_token=pick(add_eos_token, "add_eos_token", True),
-        prompt_template=pick(prompt_template, "prompt_template_name", "alpaca"),
-        chat_template=pick(chat_template, "chat_template", ""),
-        prompts_path=prompts_path or shown(evaluation.DEFAULT_PROMPTS), generation=settings.__dict__,
-    )
+    config = run_config(lora_weights, base_model, data_path, val_set_size, dict(
+        seed=seed, column_map=column_map, cutoff_len=cutoff_len, add_eos_token=add_eos_token,
+        prompt_template_name=prompt_template, chat_template=chat_template))
+    config.update(prompts_path=prompts_path or shown(evaluation.DEFAULT_PROMPTS), generation=settings.__dict__)
     # Every file is read before the model loads, so a typo fails in a second.
-    records = None
-    if loss:
-        data_file = recorded_data_file(data_path)
-        records = (load_records(data_file, config["column_map"]) if every_record else
-                   evaluation.held_out_records(data_file, val_set_size, config["seed"], config["column_map"]))
+    records = scored_records(config, every_record=data_path is not None and val_set_size is None) if loss else None
     prompts = evaluation.load_prompts(prompts_path or evaluation.DEFAULT_PROMPTS) if answers else None
     out = Path(output_dir or Path(lora_weights) / "evaluation")
     check_writable(str(out), "output_dir")
@@ -112,20 +95,62 @@ def main(
                                chat_template=config["chat_template"] if conversations else None)
     if generator.chat is not None:
         config["chat_template"] = config["chat_template"] or generator.chat.name  # the default, resolved
-    losses = rows = None
-    if loss:
-        started = time.perf_counter()
-        losses = evaluation.compare_losses(generator, records, config["cutoff_len"], config["add_eos_token"], batch_size)
-        log(f"Held-out loss on {losses['base']['records']} records ({losses['base']['tokens']} response tokens, "
-            f"{time.perf_counter() - started:.0f} s): base {losses['base']['loss']:.4f} (perplexity "
-            f"{losses['base']['perplexity']:.2f}) -> adapter {losses['adapter']['loss']:.4f} "
-            f"(perplexity {losses['adapter']['perplexity']:.2f})")
+    losses = compare_losses(generator, records, config, batch_size) if loss else None
+    rows = None
     if answers:
         started = time.perf_counter()
         rows = evaluation.compare_answers(generator, prompts, settings, batch_size)
         log(f"Answered {len(rows)} prompts with both models in {time.perf_counter() - started:.0f} s")
     for path in evaluation.write_report(out, losses, rows, config):
         log(f"Wrote {path}")
+
+
+# The run's setting when a flag is left unset, and the default for runs that did not record it.
+RUN_DEFAULTS = dict(seed=42, column_map=None, cutoff_len=256, add_eos_token=True, prompt_template_name="alpaca",
+                    chat_template="")
+
+
+def run_config(lora_weights: str, base_model: Optional[str], data_path: Optional[str],
+               val_set_size: Optional[float], flags: dict) -> dict:
+    """What to score and how: each unset flag as the adapter's run had it (its training_args.json)."""
+    from utils.data import DEFAULT_DATA_NAME
+    from utils.models import choose_base_model, run_arguments
+
+    trained = run_arguments(lora_weights)
+    if data_path is None:  # the run's own held-out records
+        if val_set_size is None and not trained:
+            raise UserError(f"{lora_weights} has no training_args.json to find its held-out data: pass --data_path")
+        data_path = trained.get("data_path") or DEFAULT_DATA_NAME
+        if val_set_size is None:  # unset in runs recorded before it was: the default
+            val_set_size = trained.get("val_set_size")
+    config = dict(lora_weights=lora_weights, base_model=choose_base_model(base_model, lora_weights),
+                  data_path=data_path, val_set_size=val_set_size)
+    for key, value in flags.items():  # finetune.py records --prompt_template_name
+        config[key.removesuffix("_name")] = value if value is not None else trained.get(key, RUN_DEFAULTS[key])
+    return config
+
+
+def scored_records(config: dict, every_record: bool) -> list[dict]:
+    """Every record of --data_path, or the ones the run held out (the same split, seed and column names)."""
+    from utils import evaluation
+    from utils.data import load_records, recorded_data_file
+
+    data_file = recorded_data_file(config["data_path"])
+    if every_record:
+        return load_records(data_file, config["column_map"])
+    return evaluation.held_out_records(data_file, config["val_set_size"], config["seed"], config["column_map"])
+
+
+def compare_losses(generator, records: list[dict], config: dict, batch_size: int) -> dict:
+    from utils import evaluation
+
+    started = time.perf_counter()
+    losses = evaluation.compare_losses(generator, records, config["cutoff_len"], config["add_eos_token"], batch_size)
+    base, adapter = losses["base"], losses["adapter"]
+    log(f"Held-out loss on {base['records']} records ({base['tokens']} response tokens, "
+        f"{time.perf_counter() - started:.0f} s): base {base['loss']:.4f} (perplexity {base['perplexity']:.2f}) -> "
+        f"adapter {adapter['loss']:.4f} (perplexity {adapter['perplexity']:.2f})")
+    return losses
 
 
 if __name__ == "__main__":
