@@ -269,8 +269,8 @@ def tokenize_records(records, tokenizer, prompter: Prompter, cutoff_len: int, tr
     from datasets import Dataset
 
     dataset = records if isinstance(records, Dataset) else Dataset.from_list(records)
-    # One process: the fast tokenizer, most of the time, already runs on every core. Worker processes (num_proc=2)
-    # took 18 s for 52K records on 2 cores against 10-11 s without (each worker's tokenizer threads compete).
+    # One process: the fast tokenizer already runs on every core; worker processes (num_proc) were slower, their
+    # tokenizer threads competing for the same cores.
     kept = dataset.map(
         tokenize_batch,
         batched=True,

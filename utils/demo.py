@@ -12,12 +12,12 @@ from typing import Iterator, Optional
 from utils.cli import UserError
 from utils.prompts import Prompter
 
-# What beam search costs, next to its slider (benchmarks/bench_generate.py: 4 beams, 128 tokens, 6.5 s against 2.5 s
-# streamed, whose first words appear after 0.13 s).
+# What beam search costs, next to its slider (benchmarks/results/generate-cpu-2core.json: 4 beams, stream off,
+# against a streamed answer).
 BEAMS_COST = ("Beam search needs Stream off (streaming uses 1 beam) and shows nothing until the answer is complete: "
               "4 beams take about 2.5x as long as a streamed answer takes to finish")
-# The shared pool's size (utils.serving.Engine): answers generated together, sharing each forward pass (more cost each
-# step more; benchmarks/bench_generate.py --concurrency), and requests that may wait beyond them (Ollama's default).
+# The shared pool's size (utils.serving.Engine): answers generated together, sharing each forward pass (more make
+# each step slower; benchmarks/bench_serving.py), and requests that may wait beyond them (Ollama's default).
 MAX_RUNNING = 16
 MAX_WAITING = 512
 EXAMPLES = [  # the original's test prompts, one click away
