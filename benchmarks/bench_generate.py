@@ -266,20 +266,9 @@ def measure(runners: dict, scenarios: list[str], rounds: int, report: dict, outp
         write(output, report)
 
 
-def main(
-    configs: str = "",
-    llama: str = "",
-    scenarios: str = "",
-    rounds: int = 2,
-    max_new_tokens: int = 128,
-    threads: int = 0,
-    llama_threads: str = "",
-    base_model: str = "",
-    lora_weights: str = "",
-    smoke: bool = False,
-    work_dir: str = "",
-    output: str = "",
-):
+def main(configs: str = "", llama: str = "", scenarios: str = "", rounds: int = 2, max_new_tokens: int = 128,
+         threads: int = 0, llama_threads: str = "", base_model: str = "", lora_weights: str = "", smoke: bool = False,
+         work_dir: str = "", output: str = ""):
     """Time the demo's and the API's answers per configuration (and llama.cpp on the same weights); write JSON.
 
     Args:

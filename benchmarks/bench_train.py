@@ -61,23 +61,16 @@ ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPA
 H100_BF16_FLOPS = 790e12  # the bf16 8192^3 matmul ceiling documented for the H100/H200 machines (not measured here)
 
 
-def original_tokenize(record, tokenizer, prompter, cutoff_len, train_on_inputs=True, add_eos_token=True):
-    """tloen/alpaca-lora's generate_and_tokenize_prompt, verbatim in substance: one record per call."""
-
-    def tokenize(prompt, add_eos=True):
-        result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
-        if result["input_ids"][-1] != tokenizer.eos_token_id and len(result["input_ids"]) < cutoff_len and add_eos:
-            result["input_ids"].append(tokenizer.eos_token_id)
-            result["attention_mask"].append(1)
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    full = tokenize(prompter.generate_prompt(record["instruction"], record["input"], record["output"]))
-    if not train_on_inputs:
-        user_len = len(tokenize(prompter.generate_prompt(record["instruction"], record["input"]), add_eos_token)["input_ids"])
-        user_len -= 1 if add_eos_token else 0
-        full["labels"] = [-100] * user_len + full["labels"][user_len:]
-    return full
+def original_tokenize(record, tokenizer, prompter, cutoff_len):
+    """tloen/alpaca-lora's generate_and_tokenize_prompt with its defaults (train on inputs, add EOS), verbatim in
+    substance: one record per call."""
+    prompt = prompter.generate_prompt(record["instruction"], record["input"], record["output"])
+    result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+    if result["input_ids"][-1] != tokenizer.eos_token_id and len(result["input_ids"]) < cutoff_len:
+        result["input_ids"].append(tokenizer.eos_token_id)
+        result["attention_mask"].append(1)
+    result["labels"] = result["input_ids"].copy()
+    return result
 
 
 def time_data_prep(tokenizer, n_records: int, cutoff_len: int) -> dict:
@@ -370,27 +363,10 @@ def check(recipes: str, table: dict, **values) -> None:
             raise UserError(message)
 
 
-def main(
-    recipes: str = "",
-    steps: int = 3,
-    warmup: int = 1,
-    batch_size: int = 16,
-    micro_batch: int = 4,
-    cutoff_len: int = 256,
-    prep_records: int = 52_000,
-    threads: int = 0,
-    rounds: int = 3,
-    gpu: bool = False,
-    size: str = "7b",
-    smoke: bool = False,
-    scaling: bool = False,
-    base_model: str = "",
-    tokenizer: str = "",
-    work_dir: str = "",
-    peak_tflops: float = H100_BF16_FLOPS / 1e12,
-    output: str = "",
-    _recipe: str = "",
-):
+def main(recipes: str = "", steps: int = 3, warmup: int = 1, batch_size: int = 16, micro_batch: int = 4,
+         cutoff_len: int = 256, prep_records: int = 52_000, threads: int = 0, rounds: int = 3, gpu: bool = False,
+         size: str = "7b", smoke: bool = False, scaling: bool = False, base_model: str = "", tokenizer: str = "",
+         work_dir: str = "", peak_tflops: float = H100_BF16_FLOPS / 1e12, output: str = "", _recipe: str = ""):
     """Time the original alpaca-lora recipe against this project's on the same data, model and batch; write JSON.
 
     Args:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,25 +23,26 @@ INSTRUCTION = "Tell me about alpacas."
 LIMIT_S = 1200  # a server that has not answered (or compiled) by then is stuck
 
 
+def cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
 def cpu_model() -> str:
-    """The CPU's name, its bf16 units (AMX, AVX512-BF16) and whether this run may use them, from /proc/cpuinfo."""
+    """The CPU's name, its bf16 units (AMX, AVX512-BF16) and whether this run may use them."""
     from utils.models import cpu_has_bf16
 
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    info = cpuinfo()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.machine())
     units = [unit for flag, unit in ((" amx_bf16", "AMX"), (" avx512_bf16", "AVX512-BF16")) if flag in info]
     return name + (f" ({', '.join(units)}{'' if cpu_has_bf16() else ', hidden from this run'})" if units else "")
 
 
 def isa_flags() -> list[str]:
     """The CPU's vector and matrix extensions (what decides its matmul speed)."""
-    try:
-        line = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), ":")
-    except OSError:
-        return []
+    line = next((l for l in cpuinfo().splitlines() if l.startswith("flags")), ":")
     return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
 
 
@@ -201,17 +203,14 @@ class Server:
             time.sleep(0.2)
         return round(time.perf_counter() - self.started, 1)
 
-    def answers(self) -> bool:
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(self.url, timeout=5)
-            return True
-        except OSError:
-            return False
-
     def wait_for_page(self) -> float:
-        return self.wait(self.answers, "answered")
+        def answers() -> bool:
+            try:
+                return bool(urllib.request.urlopen(self.url, timeout=5))
+            except OSError:
+                return False
+
+        return self.wait(answers, "answered")
 
     def wait_for(self, *texts: str) -> float:
         """Seconds from launch to the first of `texts` printed."""
