@@ -68,11 +68,11 @@ def main(rounds: int = 1, code: str = "", label: str = "", smoke: bool = False, 
         raise UserError(f"--code {code}: no generate.py there; pass a checkout of this project")
     label = label or ("after" if folder == REPO else "before")
     flags = dict(base_model=smoke_model()) if smoke else {}
-    header = machine("machine", "cpu", "isa_flags", "cpus")
+    header = machine("machine", "cpu", "isa_flags", "cpus", "avx512_bf16")
     output = Path(output or REPO / "benchmarks" / "results" / f"start-{header['machine']}.json")
     report = json.loads(output.read_text()) if output.is_file() else {}
     report.update(header, model="tiny random LLaMA (smoke)" if smoke else "SmolLM2-135M-Instruct (embedded)",
-                  **machine("avx512_bf16"), server="python generate.py --api (default flags)", answer_tokens=16)
+                  server="python generate.py --api (default flags)", answer_tokens=16)
     runs = report.setdefault("runs", {})
     runs[label] = dict(date=time.strftime("%Y-%m-%d"), code=commit(folder), cold=[], warm=[])
     for _ in range(rounds):

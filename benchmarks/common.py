@@ -48,15 +48,15 @@ def isa_flags() -> list[str]:
 
 def machine(*keys: str, gpu: bool = False) -> dict:
     """The `keys` of the machine header: machine (the results file's name), cpu, isa_flags, avx512_bf16, cpus, date."""
+    name = f"cpu-{os.cpu_count()}core"
     if gpu:
         import torch
 
         name = torch.cuda.get_device_name(0).replace(" ", "-").lower() if torch.cuda.is_available() else "cpu-smoke"
-    else:
-        name = f"cpu-{os.cpu_count()}core"
-    every = dict(machine=lambda: name, cpu=cpu_model, isa_flags=isa_flags, cpus=os.cpu_count,
-                 avx512_bf16=lambda: "avx512_bf16" in isa_flags(), date=lambda: time.strftime("%Y-%m-%d"))
-    return {key: every[key]() for key in keys}
+    flags = isa_flags()
+    every = dict(machine=name, cpu=cpu_model(), isa_flags=flags, avx512_bf16="avx512_bf16" in flags,
+                 cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
+    return {key: every[key] for key in keys}
 
 
 def with_load(measure: Callable[[], dict]) -> dict:
@@ -206,7 +206,8 @@ class Server:
     def wait_for_page(self) -> float:
         def answers() -> bool:
             try:
-                return bool(urllib.request.urlopen(self.url, timeout=5))
+                with urllib.request.urlopen(self.url, timeout=5):
+                    return True
             except OSError:
                 return False
 
