@@ -14,26 +14,16 @@ exports of the same weights (export_gguf.py) at each precision. generate.py --ba
 file types (the shipped Q4_1 file, an f16 export; an adapter as a GGUF LoRA, where these exports merge it), held to
 within 10% of llama.cpp's own tokens/s. Configurations take turns scenario by scenario, so that other work on a
 shared machine slows them alike; the load average is recorded next to every figure.
-Writes benchmarks/results/generate-<machine>.json and prints a table.
+Writes benchmarks/results/generate-<machine>.json.
 """
 
 import importlib.util
-import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
-from bench_train import cpu_model, machine_name  # noqa: E402  (this folder, where the script runs from)
+from common import INSTRUCTION, REPO, WORK, Server, Timer, at_once, chat, machine, median, smoke_model, with_load, write
+from utils.cli import UserError, run
 
-INSTRUCTION = "Tell me about alpacas."
 DEMO = dict(temperature=0.1, top_p=0.75, top_k=40, num_beams=4)  # the demo's sliders, the original's defaults
 GREEDY = dict(temperature=0.0, top_p=0.75, top_k=40, num_beams=1)
 # name -> generate.py flags; threads "cores": every physical core. Without a --threads, generate.py leaves one core
@@ -70,34 +60,6 @@ def backend(name: str) -> bool:
     return "backend" in CONFIGS.get(name, {})
 
 
-# ---------------------------------------------------------------- one request, timed
-
-class Timer:
-    """Time stamps of the text pieces of one answer."""
-
-    def __init__(self):
-        self.start, self.pieces, self.tokens = time.perf_counter(), [], 0
-
-    def piece(self, text: str) -> None:
-        if text:
-            self.pieces.append(time.perf_counter())
-
-    def result(self) -> dict:
-        first, last = (self.pieces[0], self.pieces[-1]) if self.pieces else (None, None)
-        decode = (self.tokens - 1) / (last - first) if self.pieces and self.tokens > 1 and last > first else None
-        return dict(first_token_s=round(first - self.start, 3) if first else None, tokens=self.tokens,
-                    decode_tokens_per_s=round(decode, 1) if decode else None,
-                    total_s=round((last or time.perf_counter()) - self.start, 3))
-
-
-
-def compiled_line() -> str:
-    """What the server prints once its compiled step is in use (imported here, not at the top: --help loads no torch)."""
-    from utils.generation import COMPILED_LINE
-
-    return COMPILED_LINE
-
-
 def tab_request(client, tokenizer, sampling: dict, stream: bool, max_new_tokens: int) -> dict:
     """The Instruction tab's /generate endpoint, as the page calls it. Tokens are counted in the longest text shown:
     when the model starts a new "### ..." section, the page drops it from the answer, but it was generated."""
@@ -111,124 +73,46 @@ def tab_request(client, tokenizer, sampling: dict, stream: bool, max_new_tokens:
     return timer.result()
 
 
-def api_request(url: str, sampling: dict, max_new_tokens: int) -> dict:
-    """A streamed POST /v1/chat/completions; tokens from its usage."""
-    import httpx
-
-    timer = Timer()
-    body = dict(model="bench", messages=[{"role": "user", "content": INSTRUCTION}], max_tokens=max_new_tokens,
-                temperature=sampling["temperature"], top_p=sampling["top_p"], stream=True,
-                stream_options={"include_usage": True})
-    with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=None) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[len("data: "):])
-            for choice in event.get("choices", []):
-                timer.piece(choice["delta"].get("content") or "")
-            if event.get("usage"):
-                timer.tokens = event["usage"]["completion_tokens"]
-            if "error" in event:
-                raise RuntimeError(event["error"]["message"])
-    return timer.result()
-
-
 def concurrently(request, n: int) -> dict:
     """`n` copies of one request started together: their median figures and the tokens/s of all of them."""
     if n == 1:
         return request()
-    results, barrier = [None] * n, threading.Barrier(n)
-
-    def one(i):
-        barrier.wait()
-        results[i] = request()
-        results[i]["end"] = time.perf_counter()
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if any(r is None for r in results):
-        raise RuntimeError("a concurrent request failed")
-    def middle(key, digits):
-        values = [r[key] for r in results if r[key] is not None]
-        return round(statistics.median(values), digits) if values else None
-
-    return dict(first_token_s=middle("first_token_s", 3), decode_tokens_per_s=middle("decode_tokens_per_s", 1),
-                tokens=sum(r["tokens"] for r in results),
-                all_tokens_per_s=round(sum(r["tokens"] for r in results) / (max(r["end"] for r in results) - started), 1))
+    results, started = at_once(request, n)
+    tokens = sum(r["tokens"] for r in results)
+    return dict(first_token_s=median([r["first_token_s"] for r in results], 3), tokens=tokens,
+                decode_tokens_per_s=median([r["decode_tokens_per_s"] for r in results], 1),
+                all_tokens_per_s=round(tokens / (max(r["end"] for r in results) - started), 1))
 
 
-# ---------------------------------------------------------------- the servers and llama.cpp
-
-class Server:
-    """`python generate.py` serving the demo and the API on a free port, for one configuration."""
+class Demo(Server):
+    """generate.py serving the demo and the API for one configuration, its compiled step (if any) in use."""
 
     def __init__(self, name: str, spec: dict, tokenizer):
         from gradio_client import Client
 
-        self.name, self.spec, self.tokenizer, port = name, spec, tokenizer, free_port()
-        self.url = f"http://127.0.0.1:{port}/"
         from utils.generation import physical_cores
 
-        flags = dict(dict(threads=spec["threads"]), **CONFIGS[name], server_port=port, api=True,
-                     api_max_tokens=max(512, spec["max_new_tokens"]), base_model=spec["base_model"],
-                     lora_weights=spec["lora_weights"])
+        flags = {"threads": spec["threads"], **CONFIGS[name]}
         flags["threads"] = physical_cores() if flags["threads"] == "cores" else flags["threads"]
-        self.log = tempfile.TemporaryFile(mode="w+")
-        started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "generate.py", *(f"--{k}={v}" for k, v in flags.items() if v != "")],
-                                     cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        while not self.answers():
-            self.check_alive()
-            time.sleep(0.5)
-        self.info = dict(start_s=round(time.perf_counter() - started, 1), flags=dict(CONFIGS[name], threads=flags["threads"]))
-        while self.compiling():  # the demo answers before its compiled step is in use: time that step, not eager
-            self.check_alive()
-            time.sleep(0.5)
-        self.info["compiled_s"] = round(time.perf_counter() - started, 1) if compiled_line() in self.output() else None
+        super().__init__(dict(flags, api_max_tokens=max(512, spec["max_new_tokens"]), base_model=spec["base_model"],
+                              lora_weights=spec["lora_weights"]))
+        self.spec, self.tokenizer = spec, tokenizer
+        self.info = dict(start_s=self.wait_for_page(), flags=dict(CONFIGS[name], threads=flags["threads"]))
+        self.info["compiled_s"] = self.compiled()  # the demo answers before its compiled step is in use: time that step
         self.client = Client(self.url, verbose=False)
         self.run("tab greedy", 2)  # connections made, the server's first-request work done
         self.run("api greedy", 2)
-
-    def output(self) -> str:
-        """What the server printed so far (pread: the server writes through the same file offset)."""
-        fd = self.log.fileno()
-        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise SystemExit(f"generate.py for {self.name} failed:\n" + "\n".join(self.output().splitlines()[-20:]))
-
-    def compiling(self) -> bool:
-        """Whether the server compiles its decoding step in the background and has not put it in use yet."""
-        out = self.output()
-        return "compiles in the background" in out and compiled_line() not in out and "Compiling the decoding step failed" not in out
-
-    def answers(self) -> bool:
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(self.url, timeout=5)
-            return True
-        except OSError:
-            return False
 
     def run(self, scenario: str, max_new_tokens: int = 0) -> dict:
         path, sampling, n = SCENARIOS[scenario]
         tokens = max_new_tokens or self.spec["max_new_tokens"]
         if path == "api":
-            return concurrently(lambda: api_request(self.url, sampling, tokens), n)
+            return concurrently(lambda: chat(self.url, tokens, temperature=sampling["temperature"],
+                                             top_p=sampling["top_p"]), n)
         return concurrently(lambda: tab_request(self.client, self.tokenizer, sampling, path == "tab", tokens), n)
 
     def greedy_text(self) -> str:
         return self.client.predict(INSTRUCTION, "", 0, 0.75, 40, 1, self.spec["max_new_tokens"], False, api_name="/generate")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
 
 
 class LlamaCpp:
@@ -265,16 +149,6 @@ class LlamaCpp:
         self.llm.close()
 
 
-# ---------------------------------------------------------------- driver
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gguf_exports(base_model: str, lora_weights: str, types: list[str], folder: Path) -> dict[str, str]:
     """GGUF files of the same merged weights (export_gguf.py), made once into `folder`; q4_1 is the file the
     embedded model ships as (without an adapter only)."""
@@ -294,39 +168,15 @@ def gguf_exports(base_model: str, lora_weights: str, types: list[str], folder: P
     return files
 
 
-def smoke_model(folder: Path) -> str:
-    """A tiny random LLaMA with the embedded model's tokenizer: every code path in seconds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from utils.models import load_tokenizer, resolve_base_model
-
-    path = folder / "tiny-llama"
-    if not (path / "config.json").is_file():
-        tokenizer = load_tokenizer(resolve_base_model(None))
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():  # never a token that shows nothing (whitespace, special), so that answers have text
-            blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i], skip_special_tokens=True).strip()]
-            model.lm_head.weight[blank] = 0
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def summary(results: dict) -> dict:
     """Per configuration and scenario: the median over rounds of each figure."""
     out = {}
     for worker, scenarios in results.items():
         for scenario, runs in scenarios.items():
             good = [r for r in runs if "error" not in r]
-            row = {k: statistics.median(r[k] for r in good if r.get(k) is not None)
-                   for k in ("first_token_s", "decode_tokens_per_s", "all_tokens_per_s", "total_s", "tokens")
-                   if good and any(r.get(k) is not None for r in good)}
-            out.setdefault(worker, {})[scenario] = {k: round(v, 3 if k.endswith("_s") else 1) for k, v in row.items()}
+            row = {k: median([r.get(k) for r in good], 3 if k.endswith("_s") else 1)
+                   for k in ("first_token_s", "decode_tokens_per_s", "all_tokens_per_s", "total_s", "tokens")}
+            out.setdefault(worker, {})[scenario] = {k: v for k, v in row.items() if v is not None}
     return out
 
 
@@ -370,60 +220,10 @@ def llama_backend_verdict(table: dict, name: str) -> list[str]:
     return lines
 
 
-def print_table(table: dict) -> None:
-    names = list(table)
-    widths = [max(20, len(n)) + 2 for n in names]
-    scenarios = list(dict.fromkeys(s for rows in table.values() for s in rows))
-    print(f"{'scenario':<40}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
-    for scenario in scenarios:
-        cells = []
-        for n, w in zip(names, widths):
-            r = table[n].get(scenario)
-            if not r:
-                cell = "-"
-            elif "beams" in scenario:
-                cell = f"{r['total_s']:.1f}s total"
-            else:
-                cell = f"{r.get('first_token_s') or 0:.2f}s {r.get('all_tokens_per_s', r.get('decode_tokens_per_s')) or 0:.1f}t/s"
-            cells.append(f"{cell:>{w}}")
-        print(f"{scenario:<40}" + "".join(cells))
-    print("(first token, then decoding tokens/s of one request; x4: tokens/s of the 4 together)")
-
-
-def main(
-    configs: str = "",
-    llama: str = "",
-    scenarios: str = "",
-    rounds: int = 2,
-    max_new_tokens: int = 128,
-    threads: int = 0,
-    llama_threads: str = "",
-    base_model: str = "",
-    lora_weights: str = "",
-    smoke: bool = False,
-    work_dir: str = "",
-    output: str = "",
-):
-    """Time the demo's and the API's answers per configuration (and llama.cpp on the same weights); write JSON.
-
-    Args:
-        configs: Comma-separated generate.py configurations (see CONFIGS: before, fp32, fp32-compiled, bf16, bf16-compiled, ...); default: all.
-        llama: Comma-separated llama.cpp files (f32, bf16, f16, q8_0, q4_1 = the shipped file); default: all, if llama-cpp-python is installed; none: skip.
-        scenarios: Comma-separated scenario names (see SCENARIOS); default: all.
-        rounds: Times every scenario runs on every configuration (medians are reported).
-        max_new_tokens: Longest answer, in tokens (the demo's default 128).
-        threads: generate.py --threads (0: its own choice).
-        llama_threads: Comma-separated thread counts for llama.cpp; default: the physical cores, and 1.
-        base_model: As generate.py's; default: the embedded SmolLM2-135M-Instruct.
-        lora_weights: An adapter, loaded by generate.py and merged into the GGUF exports.
-        smoke: Every path on a tiny random model, 8 tokens, one round, no llama.cpp (a minute).
-        work_dir: Where GGUF exports and the smoke model are made once; default: alpaca-lora-bench in the system's temp folder.
-        output: The JSON file to write; default: benchmarks/results/generate-<machine>.json.
-    """
-    from utils.checks import check_values
+def asked_for(configs: str, llama: str, scenarios: str, rounds: int, llama_threads: str, smoke: bool) -> tuple:
+    """The configurations, scenarios, llama.cpp files and llama.cpp thread counts to run; any mistake a UserError."""
     from utils.generation import physical_cores
 
-    check_values(dict(max_new_tokens=max_new_tokens, threads=threads))
     llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     # by default the llama.cpp backend's configurations where llama.cpp is installed, and never in --smoke
     names = [c for c in configs.split(",") if c] or [c for c in CONFIGS if (llama_cpp and not smoke) or not backend(c)]
@@ -441,50 +241,79 @@ def main(
     for bad, message in problems:
         if bad:
             raise UserError(message)
-    if not llama_cpp:
-        outtypes = []
+    return names, picked, outtypes if llama_cpp else [], counts
 
+
+def measure(runners: dict, scenarios: list[str], rounds: int, report: dict, output: Path) -> None:
+    """Every scenario on every runner, `rounds` times, the runners taking turns: other work on the machine slows all
+    alike. One failed request is a figure missing, not the run lost."""
+
+    def one(r, scenario: str) -> dict:
+        try:
+            return r.run(scenario)
+        except Exception as err:  # noqa: BLE001
+            return {"error": f"{type(err).__name__}: {err}"}
+
+    for scenario in scenarios:
+        for _ in range(rounds):
+            for name, r in runners.items():
+                if isinstance(r, LlamaCpp) and scenario not in LLAMA_SCENARIOS:
+                    continue
+                result = with_load(lambda: one(r, scenario))
+                report["results"].setdefault(name, {}).setdefault(scenario, []).append(result)
+                print(f"[{scenario}] {name}: {result}", flush=True)
+        report["summary"] = summary(report["results"])
+        write(output, report)
+
+
+def main(configs: str = "", llama: str = "", scenarios: str = "", rounds: int = 2, max_new_tokens: int = 128,
+         threads: int = 0, llama_threads: str = "", base_model: str = "", lora_weights: str = "", smoke: bool = False,
+         work_dir: str = "", output: str = ""):
+    """Time the demo's and the API's answers per configuration (and llama.cpp on the same weights); write JSON.
+
+    Args:
+        configs: Comma-separated generate.py configurations (see CONFIGS: before, fp32, fp32-compiled, bf16, bf16-compiled, ...); default: all.
+        llama: Comma-separated llama.cpp files (f32, bf16, f16, q8_0, q4_1 = the shipped file); default: all, if llama-cpp-python is installed; none: skip.
+        scenarios: Comma-separated scenario names (see SCENARIOS); default: all.
+        rounds: Times every scenario runs on every configuration (medians are reported).
+        max_new_tokens: Longest answer, in tokens (the demo's default 128).
+        threads: generate.py --threads (0: its own choice).
+        llama_threads: Comma-separated thread counts for llama.cpp; default: the physical cores, and 1.
+        base_model: As generate.py's; default: the embedded SmolLM2-135M-Instruct.
+        lora_weights: An adapter, loaded by generate.py and merged into the GGUF exports.
+        smoke: Every path on a tiny random model, 8 tokens, one round, no llama.cpp (a minute).
+        work_dir: Where GGUF exports and the smoke model are made once; default: alpaca-lora-bench in the system's temp folder.
+        output: The JSON file to write; default: benchmarks/results/generate-<machine>.json.
+    """
+    from utils.checks import check_values
+
+    check_values(dict(max_new_tokens=max_new_tokens, threads=threads))
+    names, picked, outtypes, counts = asked_for(configs, llama, scenarios, rounds, llama_threads, smoke)
     from utils.models import load_tokenizer, resolve_base_model
 
-    work = Path(work_dir or Path(tempfile.gettempdir()) / "alpaca-lora-bench")
+    work = Path(work_dir or WORK)
     work.mkdir(parents=True, exist_ok=True)
     if smoke:
         base_model, max_new_tokens, rounds = smoke_model(work), 8, 1
     spec = dict(base_model=base_model, lora_weights=lora_weights, max_new_tokens=max_new_tokens, threads=threads)
     files = gguf_exports(base_model, lora_weights, outtypes, work) if outtypes else {}
     tokenizer = load_tokenizer(resolve_base_model(base_model or None))
-
-    report = dict(machine=machine_name(False), cpu=cpu_model(), cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"),
-                  model=base_model or "SmolLM2-135M-Instruct (embedded)", lora_weights=lora_weights or None,
-                  instruction=INSTRUCTION, settings=dict(spec, rounds=rounds), configs={}, results={})
+    report = dict(machine("machine", "cpu", "cpus", "date"), model=base_model or "SmolLM2-135M-Instruct (embedded)",
+                  lora_weights=lora_weights or None, instruction=INSTRUCTION, settings=dict(spec, rounds=rounds),
+                  configs={}, results={})
     output = Path(output or REPO / "benchmarks" / "results" / f"generate-{report['machine']}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     runners = {}
     try:
         for name in names:
             print(f"starting generate.py {' '.join(f'--{k} {v}' for k, v in CONFIGS[name].items())} ({name})", flush=True)
-            runners[name] = Server(name, spec, tokenizer)
+            runners[name] = Demo(name, spec, tokenizer)
         for outtype, path in files.items():
             for count in counts:
-                runners[llama_name(outtype, count, counts)] = LlamaCpp(path, int(count), spec)
+                runners[f"llama.cpp {outtype}" + (f" {count}t" if count != counts[0] else "")] = LlamaCpp(path, int(count), spec)
         for name, r in runners.items():
             report["configs"][name] = r.info
             print(f"{name}: ready in {r.info['start_s']} s", flush=True)
-        for scenario in picked:
-            for _ in range(rounds):
-                for name, r in runners.items():  # taking turns: other work on the machine slows all alike
-                    if isinstance(r, LlamaCpp) and scenario not in LLAMA_SCENARIOS:
-                        continue
-                    load = os.getloadavg()[0]
-                    try:
-                        result = r.run(scenario)
-                    except Exception as err:  # one failed request is a figure missing, not the run lost
-                        result = {"error": f"{type(err).__name__}: {err}"}
-                    result["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
-                    report["results"].setdefault(name, {}).setdefault(scenario, []).append(result)
-                    print(f"[{scenario}] {name}: {result}", flush=True)
-            report["summary"] = summary(report["results"])
-            output.write_text(json.dumps(report, indent=2) + "\n")  # after every scenario: a cut-short run keeps its figures
+        measure(runners, picked, rounds, report, output)
         report["greedy_texts"] = texts = {name: r.greedy_text() for name, r in runners.items()}
         fp32 = [texts[n] for n in ("before", "fp32", "fp32-compiled") if n in texts]
         report["fp32_greedy_identical"] = len(set(fp32)) == 1 if len(fp32) > 1 else None
@@ -493,18 +322,9 @@ def main(
             r.close()
     report["summary"] = summary(report["results"])
     report["verdict"] = verdict(report["summary"], counts[0])
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print_table(report["summary"])
-    for line in report["verdict"]:
-        print(line)
-    if report["fp32_greedy_identical"] is not None:
-        print(f"fp32 greedy answers, eager and compiled step, identical: {report['fp32_greedy_identical']}")
-    print(f"\nwrote {output}")
-
-
-def llama_name(outtype: str, threads: str, counts: list[str]) -> str:
-    return f"llama.cpp {outtype}" + (f" {threads}t" if threads != counts[0] else "")
+    write(output, report)
+    print("\n".join([*report["verdict"], f"fp32 greedy answers identical: {report['fp32_greedy_identical']}",
+                     f"wrote {output}"]))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ own logits (logits_all). Writes benchmarks/results/gguf.json.
 """
 
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
+from common import INSTRUCTION, REPO, machine
+from utils.cli import UserError, run
 
 OUTTYPES = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 
@@ -99,13 +96,10 @@ def main(base_model: str = "", lora_weights: str = "", held_out: str = "", recor
         raise UserError(f"--held_out {held_out!r}: give a file of records the adapter was not trained on")
     base = resolve_base_model(base_model)
     texts = held_out_texts(Path(held_out), records)
-    prompt = Prompter("alpaca").generate_prompt("Tell me about alpacas.")
+    prompt = Prompter("alpaca").generate_prompt(INSTRUCTION)
     tokenizer = load_tokenizer(base)
     reference = hf_answer(base, lora_weights, prompt, tokens)
-    from bench_train import cpu_model  # this folder, where the script runs from
-
-    results = {"cpu": cpu_model(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-               "base_model": base_model or "embedded SmolLM2-135M-Instruct", "lora_weights": lora_weights,
+    results = {**machine("cpu", "cpus", "date"), "base_model": base_model or "embedded SmolLM2-135M-Instruct", "lora_weights": lora_weights,
                "held_out": f"first {records} of {Path(held_out).name}", "prompt": prompt,
                "transformers_answer": tokenizer.decode(reference),
                # the base alone, to tell the adapter's behaviour from the base's

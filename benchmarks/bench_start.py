@@ -14,85 +14,33 @@ recorded next to each figure. Writes benchmarks/results/start-<machine>.json.
 """
 
 import json
-import os
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from utils.cli import UserError, run  # noqa: E402
-from bench_generate import compiled_line, free_port, smoke_model  # noqa: E402  (this folder, where the script runs from)
-from bench_serving import isa_flags, request  # noqa: E402
-from bench_train import cpu_model, machine_name  # noqa: E402
+from common import REPO, Server, chat, machine, smoke_model, with_load, write
+from utils.cli import UserError, run
 
 COMPILES_FIRST = "Compiling the decoding step (once, at start)"  # what the code before printed, then compiled
-LIMIT_S = 1200
 
 
-class Launch:
-    """One generate.py process: the time of each stderr line, read as it comes."""
-
-    def __init__(self, code: Path, flags: list[str], cache: Path):
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
-        self.port, self.lines = free_port(), []
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "generate.py", "--api", f"--server_port={self.port}", *flags],
-                                     cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append((time.perf_counter() - self.started, line.rstrip()))
-
-    def seen(self, text: str):
-        """Seconds from launch to the first line containing `text`, or None."""
-        return next((round(t, 1) for t, line in self.lines if text in line), None)
-
-    def wait_for_page(self) -> float:
-        import urllib.request
-
-        while time.perf_counter() - self.started < LIMIT_S:
-            if self.proc.poll() is not None:
-                raise SystemExit("generate.py failed:\n" + "\n".join(line for _, line in self.lines[-20:]))
-            try:
-                urllib.request.urlopen(self.url, timeout=5)
-                return round(time.perf_counter() - self.started, 1)
-            except OSError:
-                time.sleep(0.2)
-        raise SystemExit(f"generate.py did not answer within {LIMIT_S} s")
-
-    def wait_for(self, text: str) -> float:
-        while self.seen(text) is None:
-            if self.proc.poll() is not None or time.perf_counter() - self.started > LIMIT_S:
-                raise SystemExit(f"generate.py never printed {text!r}:\n" + "\n".join(l for _, l in self.lines[-20:]))
-            time.sleep(0.2)
-        return self.seen(text)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-
-
-def one_start(code: Path, flags: list[str], cache: Path) -> dict:
+def one_start(code: Path, flags: dict, cache: Path) -> dict:
     """Launch, page, first answer, compiled step in use: seconds from launch to each."""
-    load = os.getloadavg()[0]
-    server = Launch(code, flags, cache)
+    from utils.generation import COMPILED_LINE
+
+    server = Server(flags, code, env=dict(TORCHINDUCTOR_CACHE_DIR=str(cache)))
     try:
         page_s = server.wait_for_page()
         sent = time.perf_counter() - server.started
-        answer = request(server.url, 16)
-        if answer.get("status") != 200 or not answer.get("first_token_s"):
-            raise SystemExit(f"the first request failed: {answer}")
-        compiles_first = server.seen(COMPILES_FIRST) is not None and server.seen(compiled_line()) is None
-        compiled_s = page_s if compiles_first else server.wait_for(compiled_line())
-        return dict(page_s=page_s, first_token_s=round(sent + answer["first_token_s"], 1), answer_s=round(answer["end"] - server.started, 1),
-                    answer_tokens=answer["tokens"], compiled_s=compiled_s, compiled_before_serving=compiles_first,
-                    load_average=[round(load, 1), round(os.getloadavg()[0], 1)])
+        answer = chat(server.url, 16, temperature=0)
+        if not answer["first_token_s"]:
+            raise SystemExit(f"the first request got no text: {answer}")
+        compiles_first = server.seen(COMPILES_FIRST) is not None and server.seen(COMPILED_LINE) is None
+        return dict(page_s=page_s, first_token_s=round(sent + answer["first_token_s"], 1),
+                    answer_s=round(sent + answer["total_s"], 1), answer_tokens=answer["tokens"],
+                    compiled_s=page_s if compiles_first else server.wait_for(COMPILED_LINE),
+                    compiled_before_serving=compiles_first)
     finally:
         server.close()
 
@@ -119,22 +67,21 @@ def main(rounds: int = 1, code: str = "", label: str = "", smoke: bool = False, 
     if not (folder / "generate.py").is_file():
         raise UserError(f"--code {code}: no generate.py there; pass a checkout of this project")
     label = label or ("after" if folder == REPO else "before")
-    flags = [f"--base_model={smoke_model(Path(tempfile.gettempdir()) / 'alpaca-lora-bench')}"] if smoke else []
-    output = Path(output or REPO / "benchmarks" / "results" / f"start-{machine_name(False)}.json")
+    flags = dict(base_model=smoke_model()) if smoke else {}
+    header = machine("machine", "cpu", "isa_flags", "cpus", "avx512_bf16")
+    output = Path(output or REPO / "benchmarks" / "results" / f"start-{header['machine']}.json")
     report = json.loads(output.read_text()) if output.is_file() else {}
-    report.update(machine=machine_name(False), cpu=cpu_model(), isa_flags=isa_flags(), cpus=os.cpu_count(),
-                  model="tiny random LLaMA (smoke)" if smoke else "SmolLM2-135M-Instruct (embedded)",
-                  avx512_bf16="avx512_bf16" in isa_flags(), server="python generate.py --api (default flags)",
-                  answer_tokens=16)
+    report.update(header, model="tiny random LLaMA (smoke)" if smoke else "SmolLM2-135M-Instruct (embedded)",
+                  server="python generate.py --api (default flags)", answer_tokens=16)
     runs = report.setdefault("runs", {})
     runs[label] = dict(date=time.strftime("%Y-%m-%d"), code=commit(folder), cold=[], warm=[])
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
             for kind in ("cold", "warm"):
-                result = one_start(folder, flags, Path(cache))
+                result = with_load(lambda: one_start(folder, flags, Path(cache)))
                 runs[label][kind].append(result)
                 print(f"{label} {kind}: {json.dumps(result)}", flush=True)
-                output.write_text(json.dumps(report, indent=2) + "\n")
+                write(output, report)
     print(f"wrote {output}")
 
 

@@ -11,25 +11,22 @@ the same records in the same order (same seed) with the same global batch, so th
 step (group_by_length excepted, it reorders). Two speeds per run: end to end (the Trainer's train_runtime over every
 step, warm-up and any compiling included: what a user waits for) and steady (the steps after the warm-up). The
 recipes take turns over --rounds; the JSON keeps every round and each recipe's ratio to the reference of the same
-round. Writes benchmarks/results/<machine>.json and prints a table.
+round. Writes benchmarks/results/<machine>.json.
 """
 
 import importlib.util
 import json
 import os
-import platform
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from utils.cli import UserError, run  # noqa: E402  (the repository's utils, found through the line above)
+from common import REPO, WORK, machine, median, with_load, write
+from utils.cli import UserError, run
 
 # name -> how it differs from the reference; every recipe keeps the global batch (--batch_size records/step).
 CPU_RECIPES = {
@@ -60,28 +57,20 @@ LLAMA_SHAPES = {
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 }
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # caps an AVX2-only run sets
 H100_BF16_FLOPS = 790e12  # the bf16 8192^3 matmul ceiling documented for the H100/H200 machines (not measured here)
 
 
-# ---------------------------------------------------------------- data preparation
-
-def original_tokenize(record, tokenizer, prompter, cutoff_len, train_on_inputs=True, add_eos_token=True):
-    """tloen/alpaca-lora's generate_and_tokenize_prompt, verbatim in substance: one record per call."""
-
-    def tokenize(prompt, add_eos=True):
-        result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
-        if result["input_ids"][-1] != tokenizer.eos_token_id and len(result["input_ids"]) < cutoff_len and add_eos:
-            result["input_ids"].append(tokenizer.eos_token_id)
-            result["attention_mask"].append(1)
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    full = tokenize(prompter.generate_prompt(record["instruction"], record["input"], record["output"]))
-    if not train_on_inputs:
-        user_len = len(tokenize(prompter.generate_prompt(record["instruction"], record["input"]), add_eos_token)["input_ids"])
-        user_len -= 1 if add_eos_token else 0
-        full["labels"] = [-100] * user_len + full["labels"][user_len:]
-    return full
+def original_tokenize(record, tokenizer, prompter, cutoff_len):
+    """tloen/alpaca-lora's generate_and_tokenize_prompt with its defaults (train on inputs, add EOS), verbatim in
+    substance: one record per call."""
+    prompt = prompter.generate_prompt(record["instruction"], record["input"], record["output"])
+    result = tokenizer(prompt, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+    if result["input_ids"][-1] != tokenizer.eos_token_id and len(result["input_ids"]) < cutoff_len:
+        result["input_ids"].append(tokenizer.eos_token_id)
+        result["attention_mask"].append(1)
+    result["labels"] = result["input_ids"].copy()
+    return result
 
 
 def time_data_prep(tokenizer, n_records: int, cutoff_len: int) -> dict:
@@ -124,8 +113,6 @@ def matmul_roofline(tokens: int = 1024, hidden: int = 576, widths=(576, 1536, 49
     return out
 
 
-# ---------------------------------------------------------------- one recipe (runs in a subprocess)
-
 def llama_checkpoint(size: str, vocab_size: int, work_dir: Path, dtype) -> Path:
     """A randomly initialised LLaMA of the given shape, saved once so that load_model (and its 8/4-bit paths)
     loads it exactly as it would load real weights."""
@@ -156,11 +143,11 @@ def flops_per_token(config, context: float) -> float:
     return 4 * n + 6 * layers * d * context
 
 
-def run_recipe(spec: dict) -> dict:
-    """Train spec['steps'] + 1 optimizer steps with finetune.py's Trainer and measure the timed ones."""
-    import torch
-    from transformers import TrainerCallback
+def build_trainer(spec: dict, world: int) -> tuple:
+    """finetune.py's model, adapter and Trainer for one recipe, on the first records of the shuffled sample."""
     from unittest import mock
+
+    import torch
 
     import finetune
     from utils import models, packing
@@ -170,7 +157,6 @@ def run_recipe(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun: DDP, each rank runs a share of every batch
     torch.manual_seed(spec["seed"])
     device = models.pick_device("auto")
     tokenizer = models.load_tokenizer(spec["tokenizer"])
@@ -192,18 +178,24 @@ def run_recipe(spec: dict) -> dict:
         model = finetune.wrap_lora(model, quantization, None, spec.get("gradient_checkpointing", False),
                                    r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
         micro = spec.get("micro_batch_size", spec["micro_batch"])
-        out = Path(tempfile.mkdtemp(prefix="bench-"))
         settings = TrainSettings(
             micro_batch_size=micro, grad_accum=spec["batch_size"] // (micro * world), num_epochs=1,
             max_steps=spec["steps"] + spec["warmup"], learning_rate=3e-4, warmup_steps=0, save_steps=10**6,
             logging_steps=1, group_by_length=spec.get("group_by_length", False), packing=spec["packing"],
             gradient_checkpointing=spec.get("gradient_checkpointing", False),
             torch_compile=spec.get("torch_compile", False), bf16=spec.get("bf16"), seed=spec["seed"], world_size=world)
-        trainer = finetune.build_trainer(model, tokenizer, data, None, out, device, settings)
+        out = Path(tempfile.mkdtemp(prefix="bench-"))
+        return finetune.build_trainer(model, tokenizer, data, None, out, device, settings), model, data, device
 
-    # Count what each micro-batch holds as it reaches the loss (the dataloader reads one batch ahead, so
-    # counting in the collator would credit tokens to the wrong step).
-    seen = {"real": 0, "total": 0}
+
+def clock_steps(trainer, device: str) -> list:
+    """(time, real tokens, all tokens) at the start and at the end of every optimizer step, filled as it trains.
+    Tokens are counted as each micro-batch reaches the loss: the dataloader reads one batch ahead, so counting in
+    the collator would credit them to the wrong step."""
+    import torch
+    from transformers import TrainerCallback
+
+    seen, marks = {"real": 0, "total": 0}, []
     compute_loss = trainer.compute_loss
 
     def counting_compute_loss(model, inputs, *args, **kwargs):
@@ -211,9 +203,6 @@ def run_recipe(spec: dict) -> dict:
         seen["total"] += inputs["input_ids"].numel()
         seen["real"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = counting_compute_loss
-    marks = []  # (time, real tokens, all tokens) at the end of every optimizer step
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -224,13 +213,23 @@ def run_recipe(spec: dict) -> dict:
                 torch.cuda.synchronize()
             marks.append((time.perf_counter(), seen["real"], seen["total"]))
 
+    trainer.compute_loss = counting_compute_loss
     trainer.add_callback(StepClock())
-    if spec.get("original_compile") and torch.__version__ >= "2":  # the original's lines, verbatim in substance
-        model = torch.compile(model)
+    return marks
+
+
+def run_recipe(spec: dict) -> dict:
+    """Train spec['warmup'] + spec['steps'] optimizer steps with finetune.py's Trainer and measure the timed ones."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun: DDP, each rank runs a share of every batch
+    trainer, model, data, device = build_trainer(spec, world)
+    marks = clock_steps(trainer, device)
+    if spec.get("original_compile"):  # the original's line: it compiles a wrapper the Trainer never calls
+        torch.compile(model)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     runtime = trainer.train().metrics["train_runtime"]  # the whole run: every step, warm-up and any compiling
-
     if world > 1:  # every rank counted its own micro-batches: the run's tokens are their sum (steps are in lockstep)
         tokens = torch.tensor([m[1:] for m in marks], dtype=torch.float64)
         torch.distributed.all_reduce(tokens)
@@ -241,7 +240,7 @@ def run_recipe(spec: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = dict(
         processes=world, threads=torch.get_num_threads(), real_tokens=real, all_tokens=total, seconds=round(seconds, 2),
-        tokens_per_s=round(real / seconds, 1), tokens_per_s_median_step=round(statistics.median(per_step), 1),
+        tokens_per_s=round(real / seconds, 1), tokens_per_s_median_step=median(per_step, 1),
         padding_fraction=round(1 - real / total, 3), losses=[round(x, 4) for x in losses],
         warmup_s=round(marks[spec["warmup"]][0] - marks[0][0], 1),
         train_runtime=round(runtime, 2), end_to_end_tokens_per_s=round(marks[-1][1] / runtime, 1),
@@ -249,21 +248,25 @@ def run_recipe(spec: dict) -> dict:
         attention=model.config._attn_implementation,
         compiled_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),  # 0: nothing ran compiled
     )
+    context = sum(len(x) for x in data["input_ids"]) / len(data)  # the mean span causal attention covers
+    return dict(result, **work_done(model.config, device, context, result["tokens_per_s"], spec.get("peak_flops")))
+
+
+def work_done(config, device: str, context: float, tokens_per_s: float, peak_flops) -> dict:
+    """Peak memory, and the useful FLOP/s (padding and masked-off blocks not counted), with MFU given a peak."""
+    import torch
+
     if device == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = torch.cuda.max_memory_allocated() / 2**30
     else:  # ru_maxrss is in KiB on Linux: the whole process, model load included
-        result["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    mean_len = sum(len(x) for x in data["input_ids"]) / len(data)  # the span causal attention covers
-    result["flops_per_token"] = round(flops_per_token(model.config, mean_len))
-    achieved = result["flops_per_token"] * result["tokens_per_s"]  # useful work: padding and masked-off blocks not counted
-    result["gflops"] = round(achieved / 1e9, 1)
-    if spec.get("peak_flops"):
-        result["tflops"] = round(achieved / 1e12, 3)
-        result["mfu"] = round(achieved / spec["peak_flops"], 4)
-    return result
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out = dict(peak_memory_gb=round(peak, 2), flops_per_token=round(flops_per_token(config, context)))
+    achieved = out["flops_per_token"] * tokens_per_s
+    out["gflops"] = round(achieved / 1e9, 1)
+    if peak_flops:
+        out.update(tflops=round(achieved / 1e12, 3), mfu=round(achieved / peak_flops, 4))
+    return out
 
-
-# ---------------------------------------------------------------- driver
 
 def run_in_subprocess(spec: dict, processes: int = 1) -> dict:
     """One recipe in a fresh interpreter: clean peak memory, no compiled graphs or threads carried over. With
@@ -281,35 +284,10 @@ def run_in_subprocess(spec: dict, processes: int = 1) -> dict:
     raise SystemExit(f"recipe {spec['name']} failed (exit {proc.returncode}):\n{tail}")
 
 
-def machine_name(gpu: bool) -> str:
-    if gpu:
-        import torch
-
-        return torch.cuda.get_device_name(0).replace(" ", "-").lower() if torch.cuda.is_available() else "cpu-smoke"
-    return f"cpu-{os.cpu_count()}core"
-
-
-ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
-
-
-def cpu_model() -> str:
-    """The CPU's name, its bf16 units (AMX, AVX512-BF16) and whether this run may use them, from /proc/cpuinfo."""
-    from utils.models import cpu_has_bf16
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
-    units = [unit for flag, unit in ((" amx_bf16", "AMX"), (" avx512_bf16", "AVX512-BF16")) if flag in info]
-    return name + (f" ({', '.join(units)}{'' if cpu_has_bf16() else ', hidden from this run'})" if units else "")
-
-
 def summarize(rounds: list[dict]) -> dict:
     """One recipe over its rounds: the last round's details, the speeds as medians, and every round kept."""
-    mean = {k: round(statistics.median(r[k] for r in rounds), 2)
-            for k in ("tokens_per_s", "tokens_per_s_median_step", "end_to_end_tokens_per_s", "train_runtime")}
-    return {**rounds[-1], **mean, "rounds": rounds}
+    speeds = ("tokens_per_s", "tokens_per_s_median_step", "end_to_end_tokens_per_s", "train_runtime")
+    return {**rounds[-1], **{k: median([r[k] for r in rounds], 2) for k in speeds}, "rounds": rounds}
 
 
 def speedups(results: dict, reference: str) -> dict:
@@ -317,22 +295,11 @@ def speedups(results: dict, reference: str) -> dict:
     out = {}
     for name, r in results.items():
         pairs = list(zip(r["rounds"], results[reference]["rounds"]))
-        by_round = {k: [round(a[k] / b[k], 2) for a, b in pairs] for k in ("end_to_end_tokens_per_s", "tokens_per_s")}
-        e2e, steady = by_round.values()
+        e2e, steady = ([round(a[k] / b[k], 2) for a, b in pairs] for k in ("end_to_end_tokens_per_s", "tokens_per_s"))
         # The median: on a shared machine one round can be slowed by another user's job, most by a core taken away.
-        out[name] = dict(end_to_end=round(statistics.median(e2e), 2), steady=round(statistics.median(steady), 2),
-                         end_to_end_by_round=e2e, steady_by_round=steady, spread=round(max(e2e) - min(e2e), 2))
+        out[name] = dict(end_to_end=median(e2e, 2), steady=median(steady, 2), end_to_end_by_round=e2e,
+                         steady_by_round=steady, spread=round(max(e2e) - min(e2e), 2))
     return out
-
-
-def print_table(results: dict, ratios: dict) -> None:
-    print("recipe           end-to-end tok/s  vs ref (rounds)      steady tok/s  vs ref  padding  peak GB  dtype     attention")
-    for name, r in results.items():
-        x = ratios[name]
-        rounds = "/".join(f"{v:.2f}" for v in x["end_to_end_by_round"])
-        print(f"{name:<17}{r['end_to_end_tokens_per_s']:>16.1f}  {x['end_to_end']:>5.2f}x ({rounds:<11})"
-              f"{r['tokens_per_s']:>13.1f}  {x['steady']:>5.2f}x  {r['padding_fraction']:>7.1%}  "
-              f"{r['peak_memory_gb']:>7.2f}  {r.get('dtype', '-'):<9} {r.get('attention') or '-'}")
 
 
 SCALING = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread (DDP)": (2, 1)}
@@ -340,51 +307,66 @@ SCALING = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 p
 
 def run_scaling(common: dict, base_model: str, output: str) -> None:
     """Data parallel on CPU, same global batch and records: is 2 DDP ranks x 1 thread worth more than 1 rank x 2?"""
-    report = dict(machine=machine_name(False), cpu=cpu_model(), cpus=os.cpu_count(),
-                  model="SmolLM2-135M (embedded)" if not base_model else Path(base_model).name,
+    report = dict(machine("machine", "cpu", "cpus"), model=Path(base_model).name if base_model else "SmolLM2-135M (embedded)",
                   settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model", "threads")},
                   recipe="packed", lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj", results={})
     output = Path(output or REPO / "benchmarks" / "results" / f"{report['machine']}-scaling.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     for name, (processes, threads) in SCALING.items():
-        load = os.getloadavg()[0]
-        r = report["results"][name] = run_in_subprocess(dict(common, name=name, packing=True, threads=threads), processes)
-        r["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+        spec = dict(common, name=name, packing=True, threads=threads)
+        r = report["results"][name] = with_load(lambda: run_in_subprocess(spec, processes))
         print(f"{name}: {r['tokens_per_s']} real tokens/s, losses {r['losses']}", flush=True)
-        output.write_text(json.dumps(report, indent=2) + "\n")
+        write(output, report)
     speed = {name: r["tokens_per_s"] for name, r in report["results"].items()}
     one_core, two_threads, ddp = speed.values()
     # The same 2 cores as 2 ranks or as 2 threads of one process; and each against one core (ideal: 2x, 100%).
     report["ddp_vs_threads"] = round(ddp / two_threads, 2)
     report["efficiency"] = {name: round(speed[name] / (one_core * processes * threads), 2)
                             for name, (processes, threads) in SCALING.items()}
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    for name, r in report["results"].items():
-        print(f"{name:<30}{r['tokens_per_s']:>8.1f} real tokens/s   efficiency {report['efficiency'][name]:.0%}")
-    print(f"2 DDP processes x 1 thread / 1 process x 2 threads: {report['ddp_vs_threads']:.2f}x\nwrote {output}")
+    write(output, report)
+    print(f"2 DDP processes x 1 thread / 1 process x 2 threads: {report['ddp_vs_threads']:.2f}x, efficiency "
+          f"{report['efficiency']}\nwrote {output}")
 
 
-def main(
-    recipes: str = "",
-    steps: int = 3,
-    warmup: int = 1,
-    batch_size: int = 16,
-    micro_batch: int = 4,
-    cutoff_len: int = 256,
-    prep_records: int = 52_000,
-    threads: int = 0,
-    rounds: int = 3,
-    gpu: bool = False,
-    size: str = "7b",
-    smoke: bool = False,
-    scaling: bool = False,
-    base_model: str = "",
-    tokenizer: str = "",
-    work_dir: str = "",
-    peak_tflops: float = H100_BF16_FLOPS / 1e12,
-    output: str = "",
-    _recipe: str = "",
-):
+def run_rounds(names: list[str], table: dict, common: dict, rounds: int, report: dict, output: Path, smoke: bool) -> None:
+    """Every recipe `rounds` times, taking turns so that load drifting on a shared machine hits them alike."""
+    runs = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names:
+            spec = dict(common, name=name, **table[name])
+            if smoke and spec.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
+                print(f"{name}: skipped (no bitsandbytes)")
+                continue
+            r = with_load(lambda: run_in_subprocess(spec))
+            runs[name].append(r)
+            print(f"round {round_ + 1}, {name}: {r['end_to_end_tokens_per_s']} real tokens/s end to end "
+                  f"({r['train_runtime']} s), {r['tokens_per_s']} steady, padding {r['padding_fraction']:.1%}, "
+                  f"peak {r['peak_memory_gb']} GB, losses {r['losses']}", flush=True)
+            results = report["results"] = {n: summarize(rs) for n, rs in runs.items() if len(rs) == round_ + 1}
+            reference = "reference" if "reference" in results else next(iter(results))
+            report["speedup_vs_reference"] = speedups(results, reference)
+            write(output, report)
+
+
+def check(recipes: str, table: dict, **values) -> None:
+    """Every flag's value, before any work: a UserError naming the first one out of range."""
+    from utils.checks import check_values
+
+    check_values(dict(batch_size=values["batch_size"], cutoff_len=values["cutoff_len"]))
+    unknown = [n for n in recipes.split(",") if n and n not in table]
+    problems = [*((values[k] < low, f"--{k} must be at least {low}") for k, low in
+                  (("steps", 1), ("warmup", 0), ("micro_batch", 1), ("threads", 0), ("rounds", 1), ("prep_records", 0))),
+                (values["peak_tflops"] <= 0, "--peak_tflops must be above 0"),
+                (values["size"] not in LLAMA_SHAPES, f"--size must be one of {', '.join(LLAMA_SHAPES)}, not {values['size']!r}"),
+                (bool(unknown), f"unknown recipe(s) {', '.join(unknown)}: choose from {', '.join(table)}")]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
+
+
+def main(recipes: str = "", steps: int = 3, warmup: int = 1, batch_size: int = 16, micro_batch: int = 4,
+         cutoff_len: int = 256, prep_records: int = 52_000, threads: int = 0, rounds: int = 3, gpu: bool = False,
+         size: str = "7b", smoke: bool = False, scaling: bool = False, base_model: str = "", tokenizer: str = "",
+         work_dir: str = "", peak_tflops: float = H100_BF16_FLOPS / 1e12, output: str = "", _recipe: str = ""):
     """Time the original alpaca-lora recipe against this project's on the same data, model and batch; write JSON.
 
     Args:
@@ -407,26 +389,14 @@ def main(
         peak_tflops: The MFU denominator, in TFLOP/s (default: the documented H100/H200 bf16 matmul ceiling).
         output: The JSON file to write; default: benchmarks/results/<machine>.json.
     """
-    from utils.checks import check_values
-
-    check_values(dict(batch_size=batch_size, cutoff_len=cutoff_len))
     table = GPU_RECIPES if gpu or smoke else CPU_RECIPES
-    unknown = [n for n in recipes.split(",") if n and n not in table]
-    problems = [(steps < 1, "--steps must be at least 1"), (warmup < 0, "--warmup must be at least 0"),
-                (micro_batch < 1, "--micro_batch must be at least 1"), (threads < 0, "--threads must be at least 0"), (rounds < 1, "--rounds must be at least 1"),
-                (prep_records < 0, "--prep_records must be at least 0"), (peak_tflops <= 0, "--peak_tflops must be above 0"),
-                (size not in LLAMA_SHAPES, f"--size must be one of {', '.join(LLAMA_SHAPES)}, not {size!r}"),
-                (bool(unknown), f"unknown recipe(s) {', '.join(unknown)}: choose from {', '.join(table)}")]
-    for bad, message in problems:
-        if bad:
-            raise UserError(message)
-    work_dir = work_dir or str(Path(tempfile.gettempdir()) / "alpaca-lora-bench")
+    check(recipes, table, steps=steps, warmup=warmup, batch_size=batch_size, micro_batch=micro_batch, size=size,
+          cutoff_len=cutoff_len, prep_records=prep_records, threads=threads, rounds=rounds, peak_tflops=peak_tflops)
     if _recipe:  # child process (or torchrun rank: rank 0 reports)
         result = run_recipe(json.loads(_recipe))
         if os.environ.get("RANK", "0") == "0":
             print("RESULT " + json.dumps(result), flush=True)
         return
-
     from utils.models import load_tokenizer, resolve_base_model
 
     gpu = gpu or smoke
@@ -434,7 +404,6 @@ def main(
         size, steps, warmup, batch_size, prep_records, rounds = "tiny", 1, 1, 16, 2000, 1
     tokenizer_dir = tokenizer or resolve_base_model(None)
     tokenizer = load_tokenizer(tokenizer_dir)
-    names = recipes.split(",") if recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
     common = dict(steps=steps, warmup=warmup, batch_size=batch_size, micro_batch=micro_batch,
                   cutoff_len=cutoff_len, seed=0, threads=threads, tokenizer=tokenizer_dir, base_model=base_model or None)
     if scaling:
@@ -443,11 +412,9 @@ def main(
         import torch
 
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        path = llama_checkpoint(size, len(tokenizer), Path(work_dir), dtype)
+        path = llama_checkpoint(size, len(tokenizer), Path(work_dir or WORK), dtype)
         common.update(base_model=str(path), peak_flops=peak_tflops * 1e12)
-
-    report = dict(machine=machine_name(gpu), cpu=cpu_model(), cpus=os.cpu_count(),
-                  model=f"random LLaMA-{size}" if gpu else "SmolLM2-135M (embedded)",
+    report = dict(machine("machine", "cpu", "cpus", gpu=gpu), model=f"random LLaMA-{size}" if gpu else "SmolLM2-135M (embedded)",
                   settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model")},
                   lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj")
     if not gpu:
@@ -455,33 +422,13 @@ def main(
         report["matmul_gflops"] = matmul_roofline()
         print(f"matmul GFLOP/s at the step's shapes: {report['matmul_gflops']}", flush=True)
     if prep_records:
-        report["data_prep"] = time_data_prep(tokenizer, prep_records, cutoff_len)
-        p = report["data_prep"]
+        report["data_prep"] = p = time_data_prep(tokenizer, prep_records, cutoff_len)
         print(f"data preparation, {p['records']} records: original per-record map {p['reference_s']} s, "
               f"batched map {p['project_s']} s ({p['speedup']}x), same tokens: {p['same_tokens']}", flush=True)
     output = Path(output or REPO / "benchmarks" / "results" / f"{report['machine']}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    runs = {name: [] for name in names}
-    for round_ in range(rounds):  # recipes alternate, so load drifting on a shared machine hits them alike
-        for name in names:
-            spec = dict(common, name=name, **table[name])
-            if smoke and spec.get("quantization", "none") != "none" and importlib.util.find_spec("bitsandbytes") is None:
-                print(f"{name}: skipped (no bitsandbytes)")
-                continue
-            load = os.getloadavg()[0]
-            r = run_in_subprocess(spec)
-            r["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]  # other work on the machine, before/after
-            runs[name].append(r)
-            print(f"round {round_ + 1}, {name}: {r['end_to_end_tokens_per_s']} real tokens/s end to end "
-                  f"({r['train_runtime']} s), {r['tokens_per_s']} steady, padding {r['padding_fraction']:.1%}, "
-                  f"peak {r['peak_memory_gb']} GB, losses {r['losses']}", flush=True)
-            results = report["results"] = {n: summarize(rs) for n, rs in runs.items() if len(rs) == round_ + 1}
-            reference = "reference" if "reference" in results else next(iter(results))
-            report["speedup_vs_reference"] = speedups(results, reference)
-            output.write_text(json.dumps(report, indent=2) + "\n")  # after every recipe: a cut-short run keeps its figures
-    print()
-    print_table(report["results"], report["speedup_vs_reference"])
-    print(f"\nwrote {output}")
+    names = recipes.split(",") if recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
+    run_rounds(names, table, common, rounds, report, output, smoke)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

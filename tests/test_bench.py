@@ -11,6 +11,7 @@ from tiny import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_generate  # noqa: E402
+import common  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -55,8 +56,8 @@ def test_smoke_runs_every_gpu_recipe(tmp_path):
 
 def test_generate_timer_measures_first_token_and_decoding(monkeypatch):
     clock = iter([10.0, 10.2, 10.3, 10.4, 10.5])
-    monkeypatch.setattr(bench_generate.time, "perf_counter", lambda: next(clock))
-    timer = bench_generate.Timer()  # the request is sent at 10.0
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    timer = common.Timer()  # the request is sent at 10.0
     for piece in ["Alpacas", "", " are", " gentle", "."]:
         if piece:
             timer.piece(piece)
