@@ -152,23 +152,13 @@ class LlamaCppEngine(Engine):
     def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
         return super().complete(prompts, dataclasses.replace(settings.checked(), num_beams=1), stop)
 
-    def _serve(self) -> None:
-        while True:
-            with self.lock:
-                self.lock.wait_for(lambda: self.waiting or self.closed)
-                if self.closed and not self.waiting:
-                    return
-                self._drop_stopped_waiting()
-                job = self.waiting.popleft() if self.waiting else None
-                if job:
-                    self.running.append(job)
-            if job:
-                self._guarded(self._generate, [job])
-
-    def _generate(self, jobs: list[Job]) -> None:
-        """Prefill the prompt, then one token at a time until the job ends (Engine._append retires it). A list of
-        one, as Engine._guarded hands a failure to the jobs it was given."""
+    def _join(self, jobs: list[Job]) -> None:
+        """The whole generation of the one job taken from the queue (max_running is 1): prefill the prompt, then one
+        token at a time until the job ends (Engine._append retires it), so that Engine._serve never steps a batch."""
         [job], llm = jobs, self.model
+        with self.lock:
+            self.running.append(job)
+            self.joining.clear()
         with self.generator.lock:
             llm.reset()  # each request evaluates its whole prompt
             llm.eval(job.input_ids[0].tolist())
