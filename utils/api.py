@@ -229,7 +229,7 @@ def request_settings(req: ChatRequest, defaults: Settings, api: ApiSettings) -> 
 def submit(engine: Engine, prompt: str, settings: Settings, stop: Union[str, list[str], None]) -> Job:
     """Queue the request in the shared pool; a full queue is a 503 that says when to retry."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+    if len(stops) > 4:  # ChatRequest has checked that each is a string
         raise ApiError(400, "stop must be a string or a list of at most 4 strings", param="stop")
     try:
         return engine.stream(prompt, settings, stop_strings=stops)
