@@ -8,6 +8,7 @@
     python generate.py --backend llama.cpp --lora_weights ./lora-alpaca   # answers computed by llama.cpp (GGUF)
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -160,7 +161,6 @@ def load_llamacpp(base_model: str, lora_weights: str, prompt_template: str, chat
 
     # torch only samples one row of logits here: more threads would spin against llama.cpp's for the cores
     torch.set_num_threads(1)
-
     if num_beams > 1:
         print(f"llama.cpp decodes one beam: --num_beams {num_beams} is ignored (greedy at temperature 0, else sampled)",
               file=sys.stderr, flush=True)
@@ -211,8 +211,7 @@ def answer_records(generator, records: list[dict], settings, batch_size: int, ou
     With `plain` (a single --instruction and no --output_file) print only the answer text."""
     from utils.generation import PromptTooLong
 
-    out = open(output_file, "w", encoding="utf-8") if output_file else sys.stdout
-    try:
+    with open(output_file, "w", encoding="utf-8") if output_file else contextlib.nullcontext(sys.stdout) as out:
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
             prompts = [generator.render(r["instruction"], r.get("input", "")) for r in batch]
@@ -233,9 +232,6 @@ def answer_records(generator, records: list[dict], settings, batch_size: int, ou
                 print(result["response"] if plain else json.dumps({**record, **result}, ensure_ascii=False), file=out, flush=True)
             if len(records) > 1:
                 print(f"answered {min(start + batch_size, len(records))}/{len(records)}", file=sys.stderr, flush=True)
-    finally:
-        if out is not sys.stdout:
-            out.close()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from utils.chat import ChatTemplate, parse_messages
 from utils.cli import UserError
 from utils.generation import Completion, Generator, PromptTooLong, Settings
-from utils.serving import Engine, Job, QueueFull, engine_for
+from utils.serving import Engine, Job, QueueFull
 
 RETRY_AFTER_S = 5  # what a 503 asks a client to wait before trying again
 
@@ -106,13 +106,9 @@ class Service:
 
 
 def build_router(generator: Generator, chat: ChatTemplate, defaults: Settings, api: ApiSettings,
-                 credentials: Optional[tuple[str, str]] = None, engine: Optional[Engine] = None) -> APIRouter:
+                 credentials: Optional[tuple[str, str]], engine: Engine) -> APIRouter:
     """The /v1 routes; `defaults` supplies temperature, top_p and max_tokens when a request leaves them out;
-    `engine`: the pool that generates the answers (the demo's, shared with its tabs; default: one of its own)."""
-    if engine is None:
-        from utils.demo import MAX_RUNNING, MAX_WAITING
-
-        engine = engine_for(generator, MAX_RUNNING, MAX_WAITING)
+    `engine`: the pool that generates the answers (the demo's, shared with its tabs)."""
     service = Service(generator, chat, defaults, api, credentials, engine, int(time.time()))
     router = APIRouter(prefix="/v1")
 
@@ -173,19 +169,20 @@ def check_auth(service: Service, request: Request) -> None:
 
 async def read_request(request: Request, api: ApiSettings) -> ChatRequest:
     """The body as a ChatRequest, or the 413/400 that says what is wrong with it."""
+    too_large = ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
     if int(request.headers.get("content-length") or 0) > api.max_body_bytes:
-        raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
+        raise too_large
     body = await request.body()
     if len(body) > api.max_body_bytes:
-        raise ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
+        raise too_large
     try:
         return ChatRequest.model_validate(json.loads(body or b"null"))
     except json.JSONDecodeError as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     except ValidationError as err:
         first = err.errors()[0]
-        raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
-                       param=".".join(map(str, first["loc"])) or None) from None
+        where = ".".join(map(str, first["loc"]))
+        raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None) from None
 
 
 def prepare(service: Service, req: ChatRequest) -> tuple[str, Settings]:
@@ -232,7 +229,7 @@ def request_settings(req: ChatRequest, defaults: Settings, api: ApiSettings) -> 
 def submit(engine: Engine, prompt: str, settings: Settings, stop: Union[str, list[str], None]) -> Job:
     """Queue the request in the shared pool; a full queue is a 503 that says when to retry."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+    if len(stops) > 4:  # ChatRequest has checked that each is a string
         raise ApiError(400, "stop must be a string or a list of at most 4 strings", param="stop")
     try:
         return engine.stream(prompt, settings, stop_strings=stops)

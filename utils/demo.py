@@ -130,7 +130,6 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
     import gradio as gr
 
     from utils.chat import load_chat_template
-
     from utils.serving import engine_for
 
     chat = chat or load_chat_template("", generator.tokenizer)
@@ -208,8 +207,7 @@ def settings_controls(gr, defaults, stream: bool, context_length: Optional[int])
         gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="Temperature", info="0: no sampling (greedy or beam search)"),
         gr.Slider(0.05, 1, value=defaults.top_p, step=0.05, label="Top p"),
         gr.Slider(0, 100, value=defaults.top_k, step=1, label="Top k", info="0: no limit"),
-        gr.Slider(1, 4, value=min(defaults.num_beams, 4), step=1, label="Beams",
-                  info=BEAMS_COST),
+        gr.Slider(1, 4, value=min(defaults.num_beams, 4), step=1, label="Beams", info=BEAMS_COST),
         gr.Slider(1, longest, value=min(defaults.max_new_tokens, longest), step=1, label="Max new tokens"),
         gr.Checkbox(value=stream, label="Stream output", info="Show the answer token by token (with 1 beam)"),
     ]

@@ -7,6 +7,7 @@ Everything here works on an already-rendered prompt string, so a front end only 
 import contextlib
 import dataclasses
 import functools
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -155,8 +156,7 @@ class Generator:
     def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
         """Left-padded input tensors on the model's device; a prompt that leaves no room for the answer raises."""
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        for length in lengths:
+        for length in enc["attention_mask"].sum(dim=1).tolist():
             self.check_length(length, max_new_tokens)
         return {k: v.to(self.model.device) for k, v in enc.items()}
 
@@ -228,21 +228,18 @@ class Generator:
         return stop_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
 
 
-
 def stop_ids(tokenizer, configured) -> set[int]:
     """The tokenizer's EOS id plus the generation config's `eos_token_id` (an id, a list of them, or None)."""
     ids = configured if isinstance(configured, list) else [configured]
     return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
+
 
 class TextStream:
     """One streamed generation: iterate for decoded text pieces; `stop()` ends it early; use it as a context manager
     so that leaving the loop for any reason (a user's stop, a closed connection) stops the background thread."""
 
     def __init__(self, generator: Generator, inputs: dict, settings: Settings, stop: threading.Event):
-        self.generator = generator
-        self.inputs = inputs
-        self.settings = settings
-        self.stop_event = stop
+        self.generator, self.inputs, self.settings, self.stop_event = generator, inputs, settings, stop
         self.streamer = TextIteratorStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.error: Optional[BaseException] = None
         self.completion: Optional[Completion] = None  # set once the generation has finished
@@ -285,8 +282,6 @@ def unwrapped(model):
 
 def physical_cores() -> int:
     """The cores this process may run on, hyper-threads counted once."""
-    import os
-
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     try:
         return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/core_cpus_list").read_text() for c in cpus})

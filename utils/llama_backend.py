@@ -1,17 +1,10 @@
-"""generate.py --backend llama.cpp: the same demo, batch mode and OpenAI-compatible API, answered by llama.cpp
-(llama-cpp-python) from GGUF files. The base is a GGUF file: the embedded model's own (Q4_1), a --base_model .gguf
-as given, or any other base exported once by llama.cpp's converter at --gguf_type (default f16) into the cache. The
-adapter becomes a GGUF LoRA (export_gguf.py --adapter_only, f32, made once and cached) that llama.cpp applies at
-run time, unmerged.
+"""generate.py --backend llama.cpp (docs/serving.md, "llama.cpp backend"): the same demo, batch mode and API, answered
+by llama.cpp (llama-cpp-python) from GGUF files, the adapter applied at run time as a GGUF LoRA.
 
-What stays the transformers path's: the prompt (the adapter's template, or the chat template), its token ids (the HF
-tokenizer's, handed to llama.cpp as ids), the answer's text (decoded by the HF tokenizer, so stop strings and
-characters split across tokens behave alike), the EOS ids, and the choice of each token: greedy is the argmax of
-llama.cpp's logits, sampling applies transformers' own warpers to them (temperature, top-k, then top-p; llama.cpp's
-own sampler chain applies top-p before the temperature). One beam: --num_beams is ignored, as when streaming.
-
-A llama_cpp.Llama is not thread-safe and computes one sequence at a time here: requests wait first come, first served
-in front of it (utils.serving's Job objects, streamed as they are generated; QueueFull past --max_queue).
+The prompt's token ids, the answer's text, the EOS ids and the choice of each token stay the transformers path's:
+greedy is the argmax of llama.cpp's logits, sampling applies transformers' own warpers to them (llama.cpp's own sampler
+chain applies top-p before the temperature). A llama_cpp.Llama is not thread-safe: it computes one sequence at a time,
+the others wait in utils.serving's queue.
 """
 
 import contextlib
@@ -152,23 +145,13 @@ class LlamaCppEngine(Engine):
     def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
         return super().complete(prompts, dataclasses.replace(settings.checked(), num_beams=1), stop)
 
-    def _serve(self) -> None:
-        while True:
-            with self.lock:
-                self.lock.wait_for(lambda: self.waiting or self.closed)
-                if self.closed and not self.waiting:
-                    return
-                self._drop_stopped_waiting()
-                job = self.waiting.popleft() if self.waiting else None
-                if job:
-                    self.running.append(job)
-            if job:
-                self._guarded(self._generate, [job])
-
-    def _generate(self, jobs: list[Job]) -> None:
-        """Prefill the prompt, then one token at a time until the job ends (Engine._append retires it). A list of
-        one, as Engine._guarded hands a failure to the jobs it was given."""
+    def _join(self, jobs: list[Job]) -> None:
+        """The whole generation of the one job taken from the queue (max_running is 1): prefill the prompt, then one
+        token at a time until the job ends (Engine._append retires it), so that Engine._serve never steps a batch."""
         [job], llm = jobs, self.model
+        with self.lock:
+            self.running.append(job)
+            self.joining.clear()
         with self.generator.lock:
             llm.reset()  # each request evaluates its whole prompt
             llm.eval(job.input_ids[0].tolist())

@@ -9,6 +9,7 @@ needs any more are trimmed. Beam search does not fit this loop: such requests ru
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -74,21 +75,21 @@ class Job:
         end = len(self.text) if self.done else safe_end(self.text, self.stop_strings)
         return self.text[self.sent:end]
 
-    def _take(self) -> str:
+    def _take(self) -> tuple[str, bool]:
+        """The next piece, and whether it is the last (under self._changed)."""
         piece = self._ready()
         self.sent += len(piece)
-        return piece
+        return piece, self.done and not self._ready()
 
     def __iter__(self) -> Iterator[str]:
+        finished = False
         try:
-            while True:
+            while not finished:
                 with self._changed:
                     self._changed.wait_for(lambda: self.done or self._ready())
-                    piece, finished = self._take(), self.done and not self._ready()
+                    piece, finished = self._take()
                 if piece:
                     yield piece
-                if finished:
-                    break
         finally:  # also when the consumer leaves the loop early
             self.stop()
         if self.error is not None:
@@ -100,16 +101,15 @@ class Job:
         waker = lambda: loop.call_soon_threadsafe(changed.set)  # noqa: E731
         with self._changed:
             self._wakers.append(waker)
+        finished = False
         try:
-            while True:
+            while not finished:
                 changed.clear()
                 with self._changed:
-                    piece, finished = self._take(), self.done and not self._ready()
+                    piece, finished = self._take()
                 if piece:
                     yield piece
-                if finished:
-                    break
-                if not piece:
+                elif not finished:
                     await changed.wait()
         finally:
             self.stop()
@@ -160,7 +160,7 @@ class Engine:
         self.joining: list[Job] = []  # taken from the queue, being prefilled: neither waiting nor running yet
         self.cache, self.mask = None, None  # the batch's KV cache and attention mask, one row per running job
         self.lock = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="generation", daemon=True)
         self.thread.start()
 
     @property
@@ -262,35 +262,26 @@ class Engine:
 
     # --- the generation thread ------------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        if self.compiled_here:
-            with self.generator.compiled_here():
-                self._serve()
-        else:
-            self._serve()
-
     def _serve(self) -> None:
-        while True:
-            with self.lock:
-                self.lock.wait_for(lambda: self.waiting or self.running or self.tasks or self.closed)
-                if self.closed and not (self.waiting or self.running or self.tasks):
-                    return
-                self._drop_stopped_waiting()
-                task = self.tasks.popleft() if self.tasks else None
-                while self.waiting and len(self.running) + len(self.joining) < self.max_running:
-                    self.joining.append(self.waiting.popleft())
-                joining = list(self.joining)
-            if task:
-                self._run_task(*task)
-            if joining:
-                self._guarded(self._join, joining)
-            if self.running:
-                self._guarded(self._step)
-
-    def _drop_stopped_waiting(self) -> None:
-        for job in [j for j in self.waiting if j.stop_event.is_set()]:
-            self.waiting.remove(job)
-            self._finish(job, "cancelled")
+        with self.generator.compiled_here() if self.compiled_here else contextlib.nullcontext():
+            while True:
+                with self.lock:
+                    self.lock.wait_for(lambda: self.waiting or self.running or self.tasks or self.closed)
+                    if self.closed and not (self.waiting or self.running or self.tasks):
+                        return
+                    for job in [j for j in self.waiting if j.stop_event.is_set()]:
+                        self.waiting.remove(job)
+                        self._finish(job, "cancelled")
+                    task = self.tasks.popleft() if self.tasks else None
+                    while self.waiting and len(self.running) + len(self.joining) < self.max_running:
+                        self.joining.append(self.waiting.popleft())
+                    joining = list(self.joining)
+                if task:
+                    self._run_task(*task)
+                if joining:
+                    self._guarded(self._join, joining)
+                if self.running:
+                    self._guarded(self._step)
 
     def _run_task(self, fn: Callable, future: Future) -> None:
         try:
@@ -317,11 +308,7 @@ class Engine:
         and add their cache rows to the batch."""
         ids, mask = self.generator.left_padded([job.input_ids[0] for job in jobs])
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        _in_flight.rows = jobs
-        try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        finally:
-            _in_flight.rows = None
+        out = self._forward(jobs, input_ids=ids, attention_mask=mask, position_ids=positions)
         with self.lock:
             self.running.extend(jobs)
             self.joining.clear()
@@ -335,14 +322,17 @@ class Engine:
         last = torch.tensor([[job.tokens[-1]] for job in rows], device=self.mask.device)
         positions = self.mask.sum(dim=1, keepdim=True)
         self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
-        _in_flight.rows = rows
-        try:
-            out = self.model(input_ids=last, attention_mask=self.mask, position_ids=positions,
-                             cache=self.cache, use_cache=True, logits_to_keep=1)
-        finally:
-            _in_flight.rows = None
+        out = self._forward(rows, input_ids=last, attention_mask=self.mask, position_ids=positions, cache=self.cache)
         self.cache = out.cache
         self._advance(rows, out.logits[:, -1, :], last)
+
+    def _forward(self, rows: list[Job], **inputs):
+        """The model's forward pass over `rows`, keeping the last position's logits (rows_in_flight names them)."""
+        _in_flight.rows = rows
+        try:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1)
+        finally:
+            _in_flight.rows = None
 
     def _advance(self, rows: list[Job], logits: torch.Tensor, context: torch.Tensor) -> None:
         """Pick each row's next token (its own settings), stream its text, retire the rows that ended."""
