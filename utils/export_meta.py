@@ -16,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from utils.cli import UserError
-from utils.cli import log
-from utils.export import base_file, head_dim, rope_theta, unpermute_rotary
+from utils.cli import UserError, log
+from utils.export import base_file, head_dim, load_base_tokenizer, rope_parameters, rope_theta, unpermute_rotary
 
 # HF name (after "model.layers.N.") -> (Meta name after "layers.N.", split dimension; None: every shard has a copy)
 LAYER_NAMES = {
@@ -82,10 +81,6 @@ def check_meta(config, num_shards) -> None:
     if head_dim(config) != config.hidden_size // config.num_attention_heads:
         raise UserError("Meta's layout derives the head size as dim / n_heads; this model's head_dim differs")
     check_num_shards(config, num_shards)
-
-
-def rope_parameters(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {}
 
 
 def meta_params(config, llama3: bool) -> dict:
@@ -162,8 +157,6 @@ def write_meta(model, out: Path, num_shards: int, base_path: str) -> str:
 def write_llama3_tokenizer(base_path: str, out: Path) -> str:
     """tokenizer.model in tiktoken's form when the HF tokenizer is exactly what Meta's Tokenizer would build from it;
     otherwise the HF tokenizer files, and a line saying why Meta's code cannot use them."""
-    from utils.export import load_base_tokenizer
-
     tokenizer = load_base_tokenizer(base_path)
     ranks, problem = tiktoken_ranks(json.loads(tokenizer.backend_tokenizer.to_str()))
     if ranks is None:
