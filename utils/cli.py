@@ -199,8 +199,6 @@ def help_text(entry: Callable, script: str) -> str:
         if name.startswith("_"):  # internal (a benchmark's child process), not for users
             continue
         default = "" if param.default in ("", None) else f" (default: {shown(param.default)})"
-        lines.append(f"  --{name} {type_name(param.annotation)}{default}")
-        lines.append(f"      {helps.get(name, '')}")
-    lines.append("")
-    lines.append("Booleans: --FLAG alone means True, --noFLAG False. Unknown or repeated flags are errors.")
+        lines += [f"  --{name} {type_name(param.annotation)}{default}", f"      {helps.get(name, '')}"]
+    lines += ["", "Booleans: --FLAG alone means True, --noFLAG False. Unknown or repeated flags are errors."]
     return "\n".join(lines)

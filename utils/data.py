@@ -226,11 +226,10 @@ def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, 
 
 
 def encode_batch(tokenizer, texts: list[str], cutoff_len: int) -> list:
-    """`texts` tokenized (special tokens added, cut at cutoff_len) by the fast tokenizer's Rust backend itself:
-    transformers' wrapping of each record's result into Python lists took 12% of preparing a data set. The backend's
-    truncation and padding settings are restored afterwards, since the tokenizer is shared: a call with padding=True
-    (a Generator's batch) leaves the backend padding every batch to its longest row, which here would put pad tokens
-    inside records."""
+    """`texts` tokenized (special tokens added, cut at cutoff_len) by the fast tokenizer's Rust backend itself,
+    without transformers' slow wrapping of each result into Python lists. The backend's settings are restored
+    afterwards, since the tokenizer is shared: a Generator's padding=True call leaves the backend padding every batch
+    to its longest row, which here would put pad tokens inside records."""
     backend = tokenizer.backend_tokenizer
     truncation, padding = backend.truncation, backend.padding
     backend.enable_truncation(cutoff_len)

@@ -25,10 +25,8 @@ def resolve_dtype(name: str, config) -> torch.dtype:
     """--dtype: "auto" is the base's own dtype (from its config; float32 when it names none)."""
     check_value("dtype", name)
     key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
-    if key == "auto":
-        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        own = getattr(torch, own, None) if isinstance(own, str) else own
-        return own if own in DTYPES.values() else torch.float32
+    if key == "auto":  # transformers reads config.json's dtype (or the older torch_dtype) into config.dtype
+        return config.dtype if config.dtype in DTYPES.values() else torch.float32
     return DTYPES[key]
 
 

@@ -320,11 +320,7 @@ def load_empty_model(path: str, dtype: torch.dtype, attn_implementation: Optiona
 
 def linear_layers(path: str) -> dict[str, torch.nn.Linear]:
     """The model's Linear layers by full name, built from the config alone on the meta device (no weights loaded)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model = load_empty_model(path, torch.float32)
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
