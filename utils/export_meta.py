@@ -112,6 +112,8 @@ def check_num_shards(config, num_shards) -> None:
 
 def meta_tensors(state_dict: dict, config) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Meta name -> (tensor, split dimension); tied embeddings give output.weight its own entry."""
+    rotary_heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+                    "self_attn.k_proj.weight": config.num_key_value_heads}
     tensors = {}
     for name, tensor in state_dict.items():
         if name in TOP_NAMES:
@@ -120,10 +122,8 @@ def meta_tensors(state_dict: dict, config) -> dict[str, tuple[torch.Tensor, Opti
             layer, suffix = name.split(".", 3)[2:]
             meta, dim = LAYER_NAMES[suffix]
             meta = f"layers.{layer}.{meta}"
-            if suffix == "self_attn.q_proj.weight":
-                tensor = unpermute_rotary(tensor, config.num_attention_heads)
-            elif suffix == "self_attn.k_proj.weight":
-                tensor = unpermute_rotary(tensor, config.num_key_value_heads)
+            if suffix in rotary_heads:
+                tensor = unpermute_rotary(tensor, rotary_heads[suffix])
         else:
             raise UserError(f"no place for {name} in Meta's layout: not a plain LLaMA model")
         tensors[meta] = (tensor, dim)
