@@ -16,6 +16,7 @@ import re
 import sys
 import typing
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -144,10 +145,8 @@ def convert(name: str, raw: str, annotation) -> Any:
         return text.lower() in TRUE
     for kind in (int, float):
         if kind in options:
-            try:
+            with suppress(ValueError):
                 return kind(text)
-            except ValueError:
-                pass
     if list in options and text.startswith("["):
         return [part.strip().strip("'\"") for part in text.strip("[]").split(",") if part.strip()]
     if dict in options and text.startswith("{"):

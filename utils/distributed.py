@@ -3,6 +3,7 @@ process may hold whole, which combinations cannot work, and what it needs to sav
 
 import json
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -112,12 +113,10 @@ def gather_adapter(trainer) -> Optional[dict]:
 
 def memory_kib(field: str) -> int:
     """A /proc/self/status figure in KiB (VmRSS: resident now; VmHWM: the peak so far), 0 where there is none."""
-    try:
+    with suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    except OSError:
-        pass
     return 0
 
 
