@@ -36,7 +36,7 @@ def export(
         base_model, base_path, adapter, config = ex.check_inputs(base_model, lora_weights)
         torch_dtype = ex.resolve_dtype(dtype, config)
         log(f"Merging {ex.describe(base_model, adapter)} in {ex.dtype_name(torch_dtype)}")
-        if not merge_by_shards(ex.local_dir(base_path), adapter, torch_dtype, tmp, max_shard_size):
+        if not merge_by_shards(ex.base_dir(base_path), adapter, torch_dtype, tmp, max_shard_size):
             log("Merging on the whole model (this base or adapter cannot be merged file by file)")
             model = ex.load_merged(base_path, adapter, torch_dtype)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -195,9 +195,8 @@ def prepare_data(plan: Plan, a: dict) -> None:
         log(f"Conversations rendered with chat template {chat.name}")
     else:
         log(f"Using prompt template {plan.prompter.name}: {plan.prompter.template.get('description', '')}")
-    train_on_inputs = a["train_on_inputs"]
-    if train_on_inputs is None:  # the original trains on Alpaca prompts too; a chat model learns only its own turns
-        train_on_inputs = chat is None
+    # Unset: the original trains on Alpaca prompts too; a chat model learns only its own turns.
+    train_on_inputs = chat is None if a["train_on_inputs"] is None else a["train_on_inputs"]
     prepare = dict(tokenizer=plan.tokenizer, prompter=plan.prompter, cutoff_len=a["cutoff_len"],
                    train_on_inputs=train_on_inputs, add_eos_token=a["add_eos_token"], chat=chat)
     plan.train_data = tokenize_records(train_records, **prepare)
@@ -240,8 +239,7 @@ def load_lora_model(plan: Plan, a: dict):
     if plan.device == "cpu":
         log(models.cpu_precision_note(plan.dtype))
     distributed.record_memory("start")
-    model = load_base(plan.base_path, plan.quantization, plan.device, plan.dtype, plan.shard, a["device_map"],
-                      a["packing"])
+    model = load_base(plan, a["device_map"], a["packing"])
     distributed.record_memory("loaded")
     set_seed(a["seed"])  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
     model = wrap_lora(model, plan.quantization, plan.warm_start, a["gradient_checkpointing"], sharded=bool(plan.shard),
@@ -302,22 +300,21 @@ def reporting(wandb_project: str, wandb_watch: str, wandb_log_model: str, tensor
     return report_to or ["none"]
 
 
-def load_base(base_path: str, quantization: str, device: str, dtype, shard: str, device_map: str, packing: bool):
+def load_base(plan: Plan, device_map: str, packing: bool):
     """The frozen base: whole on this process's device (one process, DDP), spread over the GPUs (--device_map auto),
     or as the sharded launchers need it: on rank 0 only under FSDP (the others start empty and receive their
     shards), partitioned as it loads under ZeRO-3 (zero.Init)."""
     from utils import distributed, models
     from utils import packing as packed_attention
 
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if not device_map and not shard and world_size > 1 and device == "cuda":
+    if not device_map and not plan.shard and plan.world_size > 1 and plan.device == "cuda":
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}  # DDP: a whole copy on each process's own GPU
-    per_record = packing and packed_attention.supports(models.read_config(base_path))
+    per_record = packing and packed_attention.supports(models.read_config(plan.base_path))
     attention = packed_attention.NAME if per_record else None
-    if distributed.loads_empty(shard) and quantization == "none":
-        return models.load_empty_model(base_path, dtype, attention)
-    return models.load_model(base_path, quantization, device, device_map=device_map or None, dtype=dtype,
-                             attn_implementation=attention, sharded=bool(shard))
+    if distributed.loads_empty(plan.shard) and plan.quantization == "none":
+        return models.load_empty_model(plan.base_path, plan.dtype, attention)
+    return models.load_model(plan.base_path, plan.quantization, plan.device, device_map=device_map or None,
+                             dtype=plan.dtype, attn_implementation=attention, sharded=bool(plan.shard))
 
 
 def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_checkpointing: bool, sharded: bool = False,
@@ -414,20 +411,19 @@ def training_arguments(out: Path, device: str, validate: bool, s: TrainSettings)
     )
 
 
-def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict] = None, base_name: str = "") -> None:
+def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict], base_name: str) -> None:
     """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used.
     state_dict: the adapter's weights gathered from sharded ranks (utils.distributed.gather_adapter); base_name: the
     base model as the adapter's config names it (models.base_model_name)."""
     from utils.training import save_atomically
 
-    if base_name:
-        # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache), in the
-        # adapter's config and its model card; they name it as the user did, which models.resolve_base_model loads
-        # on any machine.
-        for config in trainer.model.peft_config.values():
-            config.base_model_name_or_path = base_name
-        base = trainer.model.get_base_model()
-        base.name_or_path = base.config._name_or_path = base_name
+    # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache), in the
+    # adapter's config and its model card; they name it as the user did, which models.resolve_base_model loads on
+    # any machine.
+    for config in trainer.model.peft_config.values():
+        config.base_model_name_or_path = base_name
+    base = trainer.model.get_base_model()
+    base.name_or_path = base.config._name_or_path = base_name
 
     def save(tmp: Path):
         # No embedding layer is ever adapted; "auto" would look the base up by that name, on the Hub.

@@ -16,6 +16,7 @@ import re
 import sys
 import typing
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -144,10 +145,8 @@ def convert(name: str, raw: str, annotation) -> Any:
         return text.lower() in TRUE
     for kind in (int, float):
         if kind in options:
-            try:
+            with suppress(ValueError):
                 return kind(text)
-            except ValueError:
-                pass
     if list in options and text.startswith("["):
         return [part.strip().strip("'\"") for part in text.strip("[]").split(",") if part.strip()]
     if dict in options and text.startswith("{"):
@@ -199,8 +198,6 @@ def help_text(entry: Callable, script: str) -> str:
         if name.startswith("_"):  # internal (a benchmark's child process), not for users
             continue
         default = "" if param.default in ("", None) else f" (default: {shown(param.default)})"
-        lines.append(f"  --{name} {type_name(param.annotation)}{default}")
-        lines.append(f"      {helps.get(name, '')}")
-    lines.append("")
-    lines.append("Booleans: --FLAG alone means True, --noFLAG False. Unknown or repeated flags are errors.")
+        lines += [f"  --{name} {type_name(param.annotation)}{default}", f"      {helps.get(name, '')}"]
+    lines += ["", "Booleans: --FLAG alone means True, --noFLAG False. Unknown or repeated flags are errors."]
     return "\n".join(lines)

@@ -84,9 +84,7 @@ def read_instructions(path: str, what: str) -> list[dict]:
         record = {"instruction": item} if isinstance(item, str) else item
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise UserError(f'{path}: record {index} should be a string or an object with an "instruction" string')
-        if not isinstance(record.get("input", ""), str):
-            found = "null" if record["input"] is None else type(record["input"]).__name__
-            raise UserError(f"{path}: record {index} field 'input' should be text, found {found}")
+        check_text(record.get("input", ""), f"{path}: record {index} field 'input'")
         records.append(record)
     return records
 
@@ -152,11 +150,15 @@ def normalize_record(record, index: int, source: str, column_map: dict) -> dict:
             "or map other names with --column_map"
         )
     out = {k: record.get(k, "") for k in ("instruction", "input", "output")}
-    for field, value in out.items():  # null, numbers or lists are mistakes in the data, never silently coerced
-        if not isinstance(value, str):
-            found = "null" if value is None else type(value).__name__
-            raise UserError(f"{source}: record {index} field {origin.get(field, field)!r} should be text, found {found}")
+    for field, value in out.items():
+        check_text(value, f"{source}: record {index} field {origin.get(field, field)!r}")
     return out
+
+
+def check_text(value, where: str) -> None:
+    """Null, numbers or lists where text belongs are mistakes in the data, never silently coerced."""
+    if not isinstance(value, str):
+        raise UserError(f"{where} should be text, found {'null' if value is None else type(value).__name__}")
 
 
 def load_records(data_path: str, column_map: Union[None, str, dict] = None) -> list[dict]:
@@ -224,11 +226,10 @@ def tokenize_batch(batch: dict, tokenizer, prompter: Prompter, cutoff_len: int, 
 
 
 def encode_batch(tokenizer, texts: list[str], cutoff_len: int) -> list:
-    """`texts` tokenized (special tokens added, cut at cutoff_len) by the fast tokenizer's Rust backend itself:
-    transformers' wrapping of each record's result into Python lists took 12% of preparing a data set. The backend's
-    truncation and padding settings are restored afterwards, since the tokenizer is shared: a call with padding=True
-    (a Generator's batch) leaves the backend padding every batch to its longest row, which here would put pad tokens
-    inside records."""
+    """`texts` tokenized (special tokens added, cut at cutoff_len) by the fast tokenizer's Rust backend itself,
+    without transformers' slow wrapping of each result into Python lists. The backend's settings are restored
+    afterwards, since the tokenizer is shared: a Generator's padding=True call leaves the backend padding every batch
+    to its longest row, which here would put pad tokens inside records."""
     backend = tokenizer.backend_tokenizer
     truncation, padding = backend.truncation, backend.padding
     backend.enable_truncation(cutoff_len)
@@ -260,12 +261,9 @@ def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tupl
 
 def tokenize_records(records, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool, add_eos_token: bool,
                      chat: Optional[ChatTemplate] = None):
-    """A datasets.Dataset of input_ids/attention_mask/labels, prepared with one batched map (52K records in 9.4 s
-    on 2 cores, nearly all of it in the Rust tokenizer). Conversations (records with "messages") are rendered
-    with `chat`.
-
-    Records whose response was cut off entirely by cutoff_len teach nothing (and would give a NaN loss
-    in a batch of their own), so they are dropped with a message."""
+    """A datasets.Dataset of input_ids/attention_mask/labels, prepared with one batched map; conversations (records
+    with "messages") are rendered with `chat`. Records whose response was cut off entirely by cutoff_len teach
+    nothing (and would give a NaN loss in a batch of their own), so they are dropped with a message."""
     from datasets import Dataset
 
     dataset = records if isinstance(records, Dataset) else Dataset.from_list(records)

@@ -3,6 +3,7 @@ process may hold whole, which combinations cannot work, and what it needs to sav
 
 import json
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ from utils.cli import UserError
 # whether its ranks will be sharded (and may start empty) or replicated (and must each load the weights).
 FSDP_ON_CPU = "ALPACA_LORA_FSDP_ON_CPU"
 PEAK_MEMORY = "ALPACA_LORA_PEAK_MEMORY"  # a directory: each rank writes rank-N.json with its peak memory there
+MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}  # accelerate's --mixed_precision -> the dtype it casts to
 
 
 def _flag(name: str) -> bool:
@@ -57,9 +59,6 @@ def check_launcher() -> None:
                         "configs/fsdp.yaml, or set fsdp_version: 2 in your accelerate config")
 
 
-MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
-
-
 def check_sharded_quantization(shard: str, quantization: str, config: dict, dtype) -> None:
     """The combinations of sharding and quantization that cannot work, refused before anything loads.
     `config`: the base's config.json (models.read_config); `dtype`: the dtype the base computes (and 4-bit stores) in."""
@@ -78,13 +77,10 @@ def check_sharded_quantization(shard: str, quantization: str, config: dict, dtyp
     if quantization == "4bit" and shard == "fsdp" and MIXED_PRECISION.get(mixed, wanted) != wanted:
         # FSDP casts every weight to its param dtype, the packed 4-bit bytes too: stored in one dtype and cast to
         # another, they turn to garbage.
+        flag = {v: k for k, v in MIXED_PRECISION.items()}.get(wanted, "no")
         raise UserError(f"4-bit weights are stored as {wanted} (the compute dtype) but the launcher's mixed "
-                        f"precision is {mixed}: launch with --mixed_precision {mixed_name(wanted)} "
+                        f"precision is {mixed}: launch with --mixed_precision {flag} "
                         "(configs/fsdp_qlora.yaml), or pass --bf16 to match it")
-
-
-def mixed_name(dtype_name: str) -> str:
-    return {v: k for k, v in MIXED_PRECISION.items()}.get(dtype_name, "no")
 
 
 def materialize_trainable(model) -> None:
@@ -117,12 +113,10 @@ def gather_adapter(trainer) -> Optional[dict]:
 
 def memory_kib(field: str) -> int:
     """A /proc/self/status figure in KiB (VmRSS: resident now; VmHWM: the peak so far), 0 where there is none."""
-    try:
+    with suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    except OSError:
-        pass
     return 0
 
 

@@ -99,20 +99,13 @@ def render_prompt(generator: Generator, prompt: dict) -> str:
 def compare_answers(generator: Generator, prompts: list[dict], settings: Settings, batch_size: int) -> list[dict]:
     """Each prompt with the base model's and the adapter's answer (batched, left-padded generation)."""
     rendered = [render_prompt(generator, p) for p in prompts]
-    answers = {}
-    for name in ("base", "adapter"):
-        completions = []
-        for start in range(0, len(rendered), batch_size):
-            chunk = rendered[start:start + batch_size]
-            if name == "base":
-                with generator.model.disable_adapter():
-                    completions += generator.complete(chunk, settings)
-            else:
-                completions += generator.complete(chunk, settings)
-        answers[name] = completions
+    chunks = [rendered[start:start + batch_size] for start in range(0, len(rendered), batch_size)]
+    with generator.model.disable_adapter():
+        base = [answer for chunk in chunks for answer in generator.complete(chunk, settings)]
+    adapter = [answer for chunk in chunks for answer in generator.complete(chunk, settings)]
     return [
         dict(p, base=b.text, adapter=a.text, base_finish=b.finish_reason, adapter_finish=a.finish_reason)
-        for p, b, a in zip(prompts, answers["base"], answers["adapter"])
+        for p, b, a in zip(prompts, base, adapter)
     ]
 
 

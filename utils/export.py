@@ -9,8 +9,9 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
+from itertools import takewhile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
@@ -18,17 +19,14 @@ from utils.checks import DTYPE_ALIASES, check_value
 from utils.cli import UserError, log
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.model",)  # written by no fast tokenizer, but Meta's code and llama.cpp read it
 
 
 def resolve_dtype(name: str, config) -> torch.dtype:
     """--dtype: "auto" is the base's own dtype (from its config; float32 when it names none)."""
     check_value("dtype", name)
     key = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
-    if key == "auto":
-        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        own = getattr(torch, own, None) if isinstance(own, str) else own
-        return own if own in DTYPES.values() else torch.float32
+    if key == "auto":  # transformers reads config.json's dtype (or the older torch_dtype) into config.dtype
+        return config.dtype if config.dtype in DTYPES.values() else torch.float32
     return DTYPES[key]
 
 
@@ -36,87 +34,69 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@contextmanager
-def atomic_output_dir(output_dir: str, overwrite: bool = False) -> Iterator[Path]:
-    """A fresh directory beside output_dir to write into; renamed to output_dir only when the block finishes.
-
-    On any error (or Ctrl-C) the temporary directory, and parent directories this call created, are removed:
-    a failed export never leaves a half-written model where a runtime could pick it up."""
+def atomic_output_dir(output_dir: str, overwrite: bool = False) -> ContextManager[Path]:
+    """A fresh directory beside output_dir to write into; renamed to output_dir only when the block finishes."""
     target = Path(output_dir).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file, not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise UserError(f"--output_dir {output_dir} is not empty: choose a new directory, "
                         "or pass --overwrite_output_dir to replace what is there")
-    created = missing_parents(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    except OSError as err:
-        remove_empty(created)
-        raise UserError(f"--output_dir {output_dir} is not writable ({err.strerror})") from None
-    try:
-        yield tmp
-        make_readable(tmp)
-        publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_empty(created)
-        raise
+    return staged(target, f"--output_dir {output_dir}", directory=True)
 
 
-@contextmanager
-def atomic_output_file(output_file: str, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary file beside output_file to write into; renamed over output_file only when the block finishes.
-
-    The single-file counterpart of atomic_output_dir (GGUF): on any error the partial file is removed, and a
-    runtime never sees a truncated model under the final name."""
+def atomic_output_file(output_file: str, overwrite: bool = False) -> ContextManager[Path]:
+    """A temporary file beside output_file (GGUF) to write into; renamed over output_file when the block finishes."""
     target = Path(output_file).expanduser().absolute()
     if target.is_dir():
         raise UserError(f"--output_file {output_file} is a directory: name the file to write (e.g. model.gguf)")
     if target.exists() and not overwrite:
         raise UserError(f"--output_file {output_file} exists: choose a new name, or pass --overwrite to replace it")
+    return staged(target, f"--output_file {output_file}", directory=False)
+
+
+@contextmanager
+def staged(target: Path, flag: str, directory: bool) -> Iterator[Path]:
+    """A temporary directory or file beside target, moved into place when the block finishes. On any error (or
+    Ctrl-C) it is removed, with the parent directories this call created: a failed export never leaves a
+    half-written model where a runtime could pick it up. `flag`: the flag and value, for the error."""
     created = missing_parents(target)
+    prefix = f".{target.name}.tmp-"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
-        os.close(handle)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+        else:
+            handle, name = tempfile.mkstemp(dir=target.parent, prefix=prefix)
+            os.close(handle)
+            tmp = Path(name)
     except OSError as err:
         remove_empty(created)
-        raise UserError(f"--output_file {output_file} is not writable ({err.strerror})") from None
-    tmp = Path(name)
+        raise UserError(f"{flag} is not writable ({err.strerror})") from None
     try:
         yield tmp
-        make_readable_file(tmp)
-        os.replace(tmp, target)  # atomic on one filesystem; an old file is replaced only now
+        make_readable(tmp)
+        publish(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         remove_empty(created)
         raise
 
 
-def make_readable_file(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def make_readable(tmp: Path) -> None:
-    """mkdtemp (and safetensors) create private files; an export is for others to read, as the umask allows."""
+    """mkdtemp, mkstemp (and safetensors) create private files; an export is for others to read, as the umask allows."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:
+    for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def missing_parents(path: Path) -> list[Path]:
     """The ancestors of path that do not exist yet, deepest first (so they can be removed in order)."""
-    missing = []
-    for parent in path.parents:
-        if parent.exists():
-            break
-        missing.append(parent)
-    return missing
+    return list(takewhile(lambda parent: not parent.exists(), path.parents))
 
 
 def remove_empty(dirs: list[Path]) -> None:
@@ -131,28 +111,21 @@ def publish(tmp: Path, target: Path) -> None:
     """Move the finished export into place; an old export (--overwrite_output_dir) is deleted only afterwards."""
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
-    if target.exists():
+    if tmp.is_dir() and target.exists():
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
         os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, target)
+        os.replace(tmp, target)  # atomic on one filesystem; an old file is replaced only now
 
 
-def load_config(base_path: str):
-    """The base model's config (no weights), so that bad flags fail before the slow load."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(base_path)
-    except OSError as err:
-        raise UserError(f"could not load base model '{base_path}': {str(err).splitlines()[0]}") from None
+def rope_parameters(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {}
 
 
 def rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def head_dim(config) -> int:
@@ -168,27 +141,24 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def check_lora_weights(lora_weights: Optional[str]) -> Optional[str]:
-    """The adapter to merge, checked before anything slow happens; None exports the base model alone."""
-    from utils.models import check_adapter_dir
-
-    if lora_weights in (None, "", "none", "None", False):
-        log("No --lora_weights given: exporting the base model alone")
-        return None
-    lora_weights = str(lora_weights)
-    check_adapter_dir(lora_weights)
-    return lora_weights
-
-
 def check_inputs(base_model: str, lora_weights: Optional[str]):
     """(the base model's name, its path, adapter or None, base config) for an export, every mistake found before
     weights load. The base is models.choose_base_model's: --base_model, $BASE_MODEL, then the adapter's own."""
-    from utils.models import check_adapter_fits, choose_base_model, resolve_base_model
+    from transformers import AutoConfig
 
-    adapter = check_lora_weights(lora_weights)
+    from utils.models import check_adapter_dir, check_adapter_fits, choose_base_model, resolve_base_model
+
+    adapter = None if lora_weights in (None, "", "none", "None", False) else str(lora_weights)
+    if adapter:
+        check_adapter_dir(adapter)
+    else:
+        log("No --lora_weights given: exporting the base model alone")
     base_model = choose_base_model(base_model, adapter)
     base_path = resolve_base_model(base_model)
-    config = load_config(base_path)
+    try:
+        config = AutoConfig.from_pretrained(base_path)
+    except OSError as err:
+        raise UserError(f"could not load base model '{base_path}': {str(err).splitlines()[0]}") from None
     if adapter:
         check_adapter_fits(base_path, adapter)
     return base_model, base_path, adapter, config
@@ -239,10 +209,9 @@ def adapter_touches_embeddings(model, lora_weights: str) -> bool:
     from peft import PeftConfig
 
     config = PeftConfig.from_pretrained(lora_weights)
-    fields = [getattr(config, f, None) for f in ("target_modules", "modules_to_save", "trainable_token_indices")]
+    fields = str([getattr(config, f, None) for f in ("target_modules", "modules_to_save", "trainable_token_indices")])
     names = {n for n, m in model.named_modules() if m in (model.get_input_embeddings(), model.get_output_embeddings())}
-    text = str(fields)
-    return any(name.rsplit(".", 1)[-1] in text for name in names)
+    return any(name.rsplit(".", 1)[-1] in fields for name in names)
 
 
 def untie_embeddings(model) -> None:
@@ -265,14 +234,9 @@ def base_file(base_path: str, name: str) -> Optional[Path]:
     return Path(found) if found else None
 
 
-def local_dir(base_path: str) -> Path:
+def base_dir(base_path: str) -> Path:
     """The base's folder on this machine; a Hub id's snapshot folder in the cache (which holds its weights only once
     they are downloaded: utils.merge_shards then finds none and the export loads the model instead)."""
-    return Path(base_path) if Path(base_path).is_dir() else base_dir(base_path)
-
-
-def base_dir(base_path: str) -> Path:
-    """The directory holding the base's files (a hub id resolves to its snapshot in the cache)."""
     return base_file(base_path, "config.json").parent
 
 
@@ -284,12 +248,12 @@ def load_base_tokenizer(base_path: str):
 
 
 def save_tokenizer(base_path: str, out: Path) -> None:
-    """The tokenizer files next to the weights, plus the SentencePiece model when the base has one."""
+    """The tokenizer files next to the weights, plus the SentencePiece model when the base has one (no fast
+    tokenizer writes it, but Meta's code and llama.cpp read it)."""
     load_base_tokenizer(base_path).save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        source = base_file(base_path, name)
-        if source and not (out / name).exists():
-            shutil.copyfile(source, out / name)
+    sentencepiece = base_file(base_path, "tokenizer.model")
+    if sentencepiece and not (out / "tokenizer.model").exists():
+        shutil.copyfile(sentencepiece, out / "tokenizer.model")
 
 
 def describe(base_model: str, lora_weights: Optional[str]) -> str:

@@ -16,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from utils.cli import UserError
-from utils.cli import log
-from utils.export import base_file, head_dim, rope_theta, unpermute_rotary
+from utils.cli import UserError, log
+from utils.export import base_file, head_dim, load_base_tokenizer, rope_parameters, rope_theta, unpermute_rotary
 
 # HF name (after "model.layers.N.") -> (Meta name after "layers.N.", split dimension; None: every shard has a copy)
 LAYER_NAMES = {
@@ -84,10 +83,6 @@ def check_meta(config, num_shards) -> None:
     check_num_shards(config, num_shards)
 
 
-def rope_parameters(config) -> dict:
-    return getattr(config, "rope_parameters", None) or {}
-
-
 def meta_params(config, llama3: bool) -> dict:
     """params.json, every value read from the HF config; Llama 3's always states rope_theta."""
     params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers, "n_heads": config.num_attention_heads}
@@ -117,6 +112,8 @@ def check_num_shards(config, num_shards) -> None:
 
 def meta_tensors(state_dict: dict, config) -> dict[str, tuple[torch.Tensor, Optional[int]]]:
     """Meta name -> (tensor, split dimension); tied embeddings give output.weight its own entry."""
+    rotary_heads = {"self_attn.q_proj.weight": config.num_attention_heads,
+                    "self_attn.k_proj.weight": config.num_key_value_heads}
     tensors = {}
     for name, tensor in state_dict.items():
         if name in TOP_NAMES:
@@ -125,10 +122,8 @@ def meta_tensors(state_dict: dict, config) -> dict[str, tuple[torch.Tensor, Opti
             layer, suffix = name.split(".", 3)[2:]
             meta, dim = LAYER_NAMES[suffix]
             meta = f"layers.{layer}.{meta}"
-            if suffix == "self_attn.q_proj.weight":
-                tensor = unpermute_rotary(tensor, config.num_attention_heads)
-            elif suffix == "self_attn.k_proj.weight":
-                tensor = unpermute_rotary(tensor, config.num_key_value_heads)
+            if suffix in rotary_heads:
+                tensor = unpermute_rotary(tensor, rotary_heads[suffix])
         else:
             raise UserError(f"no place for {name} in Meta's layout: not a plain LLaMA model")
         tensors[meta] = (tensor, dim)
@@ -162,8 +157,6 @@ def write_meta(model, out: Path, num_shards: int, base_path: str) -> str:
 def write_llama3_tokenizer(base_path: str, out: Path) -> str:
     """tokenizer.model in tiktoken's form when the HF tokenizer is exactly what Meta's Tokenizer would build from it;
     otherwise the HF tokenizer files, and a line saying why Meta's code cannot use them."""
-    from utils.export import load_base_tokenizer
-
     tokenizer = load_base_tokenizer(base_path)
     ranks, problem = tiktoken_ranks(json.loads(tokenizer.backend_tokenizer.to_str()))
     if ranks is None:

@@ -6,6 +6,7 @@ merge_and_unload does into a 16-bit base. Memory stays near one output shard (--
 
 import json
 import math
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -28,8 +29,8 @@ def base_files(base: Path) -> list[Path]:
     return [base / "model.safetensors"] if (base / "model.safetensors").is_file() else []
 
 
-def lora_deltas_source(lora_weights: str) -> Optional[tuple[dict, dict[str, float]]]:
-    """(adapter tensors by base weight name, {base weight name: scale}), or None where the adapter needs PEFT."""
+def lora_deltas_source(lora_weights: str) -> Optional[tuple[dict, float]]:
+    """(adapter tensors by base weight name, the adapter's scale), or None where the adapter needs PEFT."""
     from safetensors.torch import load_file
 
     path = Path(lora_weights)
@@ -40,14 +41,13 @@ def lora_deltas_source(lora_weights: str) -> Optional[tuple[dict, dict[str, floa
         return None
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    tensors, scales = {}, {}
+    tensors = {}
     for key, value in load_file(path / "adapter_model.safetensors").items():
         module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
         if part not in ("A.weight", "B.weight"):
             return None  # embeddings (lora_embedding_A/B) or another layout
         tensors.setdefault(f"{module}.weight", {})[part[0]] = value
-        scales[f"{module}.weight"] = scale
-    return tensors, scales
+    return tensors, scale
 
 
 def plan(files: list[Path], dtype: torch.dtype, max_bytes: int) -> list[list[tuple[Path, str]]]:
@@ -70,13 +70,13 @@ def plan(files: list[Path], dtype: torch.dtype, max_bytes: int) -> list[list[tup
     return shards
 
 
-def merged_tensor(tensor: torch.Tensor, name: str, dtype: torch.dtype, lora: dict, scales: dict) -> torch.Tensor:
+def merged_tensor(tensor: torch.Tensor, name: str, dtype: torch.dtype, lora: dict, scale: float) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
     if name not in lora:
         return tensor.to(dtype)
     pair = lora[name]
-    delta = scales[name] * (pair["B"].float() @ pair["A"].float())
+    delta = scale * (pair["B"].float() @ pair["A"].float())
     merged = (tensor.float() + delta).to(dtype)
     if not torch.isfinite(merged).all():
         raise UserError(f"merging the adapter made {name} NaN or infinite: the adapter is broken (retrain it)")
@@ -92,10 +92,10 @@ def merge_by_shards(base: Path, lora_weights: Optional[str], dtype: torch.dtype,
     from transformers.utils.hub import convert_file_size_to_int
 
     files = base_files(base)
-    source = lora_deltas_source(lora_weights) if lora_weights else ({}, {})
+    source = lora_deltas_source(lora_weights) if lora_weights else ({}, 1.0)
     if not files or source is None:
         return False
-    lora, scales = source
+    lora, scale = source
     shards = plan(files, dtype, convert_file_size_to_int(max_shard_size))
     if not set(lora) <= {name for shard in shards for _, name in shard}:
         return False
@@ -107,11 +107,10 @@ def merge_by_shards(base: Path, lora_weights: Optional[str], dtype: torch.dtype,
         tensors = {}
         for file, name in shard:
             with safe_open(file, "pt") as f:  # opened per tensor: no file stays mapped while the shard grows
-                tensors[name] = merged_tensor(f.get_tensor(name), name, dtype, lora, scales).contiguous()
+                tensors[name] = merged_tensor(f.get_tensor(name), name, dtype, lora, scale).contiguous()
         save_file(tensors, out / file_name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file_name))
-        del tensors
     if len(shards) > 1:
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     save_configs(base, out, dtype)
@@ -125,7 +124,5 @@ def save_configs(base: Path, out: Path, dtype: torch.dtype) -> None:
     config = AutoConfig.from_pretrained(base)
     config.dtype = dtype
     config.save_pretrained(out)
-    try:
+    with suppress(OSError):  # the base may have none
         GenerationConfig.from_pretrained(base).save_pretrained(out)
-    except OSError:
-        pass  # the base has none

@@ -74,28 +74,28 @@ class ProgressReport(TrainerCallback):
     """Adds real (non-padding) tokens/s to each log line and refreshes the reports at every checkpoint,
     so an interrupted run still leaves its curve; a resumed run continues it (the history is restored)."""
 
-    def __init__(self, output_dir: Path, title: str = ""):
-        self.output_dir, self.title = Path(output_dir), title
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir)
         self.last = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        if logs is not None and "loss" in logs and self.last is not None and now > self.last[0]:
+        if self.last is not None and now > self.last[0]:
             speed = round((tokens - self.last[1]) / (now - self.last[0]), 1)
             logs["tokens_per_second"] = speed  # printed with the log line
             state.log_history[-1]["tokens_per_second"] = speed  # the Trainer stored a copy of logs before this call
-        if logs is not None and "loss" in logs:
-            self.last = (now, tokens)
+        self.last = (now, tokens)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), state.num_input_tokens_seen)
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.last = (time.perf_counter(), state.num_input_tokens_seen)  # validation time is not training speed
+    on_evaluate = on_train_begin  # the clock restarts after validation: its time is not training speed
 
     def on_save(self, args, state, control, **kwargs):
         if is_main_process():
-            write_reports(state.log_history, {"global_step": state.global_step}, self.output_dir, self.title)
+            write_reports(state.log_history, {"global_step": state.global_step}, self.output_dir)
 
 
 class LossGuard(TrainerCallback):
@@ -103,9 +103,7 @@ class LossGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
-        if loss is None:
-            return
-        if not math.isfinite(loss) or loss == 0.0:
+        if loss is not None and (not math.isfinite(loss) or loss == 0.0):
             raise UserError(
                 f"training loss is {loss} at step {state.global_step}: the run diverged. Try a lower --learning_rate, "
                 "bf16 or fp32 instead of fp16 (--quantization none on GPUs without bf16), or check the data for empty outputs"

@@ -42,15 +42,17 @@ def embedded_gguf() -> Path:
 
 def resolve_base_model(base_model: Optional[str]) -> str:
     """A hub id or HF directory to load: the embedded model by default (or by EMBEDDED_NAME, as adapters record it),
-    .gguf files converted once. Anything that
-    cannot be loaded (missing path, not a model, unknown or unreachable hub id) fails here with one line."""
+    .gguf files converted once. Anything that cannot be loaded (missing path, not a model, unknown or unreachable
+    hub id) fails here with one line."""
     path = Path(base_model or "").expanduser()
     if not base_model or (base_model == EMBEDDED_NAME and not path.exists()):
         return str(gguf_to_hf(embedded_gguf()))
     if base_model.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file {base_model} not found")
-        check_gguf_magic(path)
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return str(gguf_to_hf(path))
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -107,10 +109,13 @@ def announce_base(name: str, source: str) -> str:
 
 
 def loadable_name(name: str) -> bool:
-    """An existing local path, or what can only be a Hub id (owner/name, not a path): worth trying to load."""
-    if Path(name).expanduser().exists():
-        return True
-    return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not name.endswith(".gguf")
+    """An existing local path, or what can only be a Hub id: worth trying to load."""
+    return Path(name).expanduser().exists() or (hub_id(name) and not name.endswith(".gguf"))
+
+
+def hub_id(name: str) -> bool:
+    """Whether `name` can only be a Hub id (owner/name), not a path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def embedded_as_empty(name: str) -> str:
@@ -131,12 +136,6 @@ def run_arguments(lora_weights: str) -> dict:
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise UserError(f"{path} is not valid JSON ({err}): repair it or delete it") from None
     return {}
-
-
-def check_gguf_magic(path: Path) -> None:
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def gguf_to_hf(gguf: Path) -> Path:
@@ -321,23 +320,14 @@ def load_empty_model(path: str, dtype: torch.dtype, attn_implementation: Optiona
 
 def linear_layers(path: str) -> dict[str, torch.nn.Linear]:
     """The model's Linear layers by full name, built from the config alone on the meta device (no weights loaded)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model = load_empty_model(path, torch.float32)
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def linear_layer_names(path: str) -> list[str]:
-    """Short names of the Linear layers LoRA can target."""
-    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(path)})
 
 
 def check_target_modules(path: str, targets: list[str]) -> None:
     if targets == ["all-linear"]:
         return
-    names = linear_layer_names(path)
+    names = sorted({name.rsplit(".", 1)[-1] for name in linear_layers(path)})  # the short names LoRA targets
     unknown = [t for t in targets if t not in names]
     if unknown:
         raise UserError(
@@ -371,7 +361,7 @@ def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
     Returns the shapes of its LoRA weights by name (None for an adapter on the Hub, not downloaded yet)."""
     path = Path(lora_weights).expanduser()
     if not path.exists():
-        if lora_weights.startswith((".", "/", "~")) or lora_weights.count("/") != 1:
+        if not hub_id(lora_weights):
             raise UserError(f"adapter directory {lora_weights} not found")
         from utils.hub import check_hub_repo
 
@@ -390,11 +380,8 @@ def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
     if found is None:
         raise UserError(f"{lora_weights} has no adapter_model.safetensors: the adapter weights are missing")
     if found.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
-            with safe_open(found, "pt") as f:
-                shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = safetensors_shapes(found)
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise UserError(f"{found} is unreadable ({err}); retrain or re-download the adapter") from None
     else:
@@ -408,16 +395,18 @@ def weight_shapes(path: str, from_config: bool = False) -> dict[str, list[int]]:
     """Shapes of a local checkpoint's weights by name, read from the safetensors headers alone (milliseconds);
     with `from_config` (or for a Hub id, .bin weights) those of the Linear layers of a model built on the meta
     device from its config, which names every layer as the model does, whatever the checkpoint's key names."""
-    from safetensors import safe_open
-
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() and not from_config else []
     if not files:
         return {f"{name}.weight": [m.out_features, m.in_features] for name, m in linear_layers(path).items()}
-    shapes = {}
-    for file in files:
-        with safe_open(file, "pt") as f:
-            shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
-    return shapes
+    return {name: shape for file in files for name, shape in safetensors_shapes(file).items()}
+
+
+def safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape by name, from the file's header alone."""
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def check_adapter_fits(base_path: str, lora_weights: str) -> None:
@@ -434,15 +423,14 @@ def check_adapter_fits(base_path: str, lora_weights: str) -> None:
         module, part = match.groups()
         if f"{module}.weight" not in base:  # a checkpoint may name its weights otherwise: ask the model itself
             base = weight_shapes(base_path, from_config=True)
-        weight = base.get(f"{module}.weight")  # [out_features, in_features]
-        size, side = (shape[1], "input") if part == "A" else (shape[0], "output")
-        expected = None if weight is None else weight[1] if part == "A" else weight[0]
-        if expected != size:
-            has = "has no such layer" if weight is None else f"has {side} size {expected}"
+        weight = base.get(f"{module}.weight")  # [out_features, in_features]; lora_A is [r, in], lora_B [out, r]
+        column, side = (1, "input") if part == "A" else (0, "output")
+        if weight is None or weight[column] != shape[column]:
+            has = "has no such layer" if weight is None else f"has {side} size {weight[column]}"
             trained_on = adapter_base(lora_weights)
             raise UserError(
                 f"adapter {lora_weights} was trained for another base model: its {module} has {side} size "
-                f"{size}, the base model {has}; pass the --base_model it was trained on"
+                f"{shape[column]}, the base model {has}; pass the --base_model it was trained on"
                 + (f" ({trained_on}, says its adapter_config.json)" if trained_on else "")
             )
 

@@ -54,9 +54,7 @@ class Prompter:
             prompt = self.template["prompt_input"].format(instruction=instruction, input=input)
         else:
             prompt = self.template["prompt_no_input"].format(instruction=instruction)
-        if label:
-            prompt = f"{prompt}{label}"
-        return prompt
+        return prompt + (label or "")
 
     def section_markers(self) -> list[str]:
         """Where the model would start another section of this template: the response marker, then the heading each

@@ -42,13 +42,14 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -
     """Gradient accumulation steps per process; the global batch must split evenly over micro-batches and ranks."""
     if micro_batch_size < 1 or batch_size < 1:
         raise UserError(f"--batch_size ({batch_size}) and --micro_batch_size ({micro_batch_size}) must be at least 1")
-    if batch_size % (micro_batch_size * world_size):
+    per_pass = micro_batch_size * world_size
+    if batch_size % per_pass:
         raise UserError(
             f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size}"
             + (f" × {world_size} processes" if world_size > 1 else "")
-            + f"; try --batch_size {max(1, batch_size // (micro_batch_size * world_size)) * micro_batch_size * world_size}"
+            + f"; try --batch_size {max(1, batch_size // per_pass) * per_pass}"
         )
-    return batch_size // (micro_batch_size * world_size)
+    return batch_size // per_pass
 
 
 def optimizer_steps(num_records: int, micro_batch_size: int, grad_accum: int, world_size: int, num_epochs: float,
@@ -122,11 +123,10 @@ def check_checkpoint_matches(checkpoint: str, lora_r: int, target_modules: list[
     config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
     if config.get("r") != lora_r:
         raise UserError(f"checkpoint {checkpoint} was trained with --lora_r {config.get('r')}, not {lora_r}")
-    if target_modules != ["all-linear"] and sorted(config.get("target_modules") or []) != sorted(target_modules):
-        raise UserError(
-            f"checkpoint {checkpoint} targets {sorted(config.get('target_modules'))}, not {sorted(target_modules)}: "
-            "pass the same --lora_target_modules"
-        )
+    trained = sorted(config.get("target_modules") or [])
+    if target_modules != ["all-linear"] and trained != sorted(target_modules):
+        raise UserError(f"checkpoint {checkpoint} targets {trained}, not {sorted(target_modules)}: "
+                        "pass the same --lora_target_modules")
 
 
 def save_atomically(save, output_dir: Path) -> None:
