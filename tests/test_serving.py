@@ -200,10 +200,9 @@ def test_the_engine_answers_while_its_step_compiles_then_switches_between_steps(
 
 @pytest.mark.parametrize("temperature, top_p, top_k", [(0.1, 0.75, 40), (1.5, 0.9, 3), (0.7, 1.0, 50), (1.0, 0.5, 0)])
 def test_llama_backend_samples_as_transformers_warpers_do(temperature, top_p, top_k):
-    """utils.llama_backend warps only the top_k most likely tokens: the distribution over the whole vocabulary is the
+    """The engines warp only the top_k most likely tokens: the distribution over the whole vocabulary is the
     one transformers' warpers give."""
-    from utils.llama_backend import candidates
-    from utils.serving import warpers
+    from utils.serving import candidates, warpers
 
     torch.manual_seed(0)
     logits = torch.randn(1000) * 0.3  # at temperature 0.1, several tokens still have a chance

@@ -20,7 +20,7 @@ import torch
 
 from utils.cli import UserError
 from utils.generation import Completion, Generator, Prepared, Settings, stop_ids
-from utils.serving import Engine, Job
+from utils.serving import PREFILL_CHUNK, Engine, Job
 
 DEFAULT_GGUF_TYPE = "f16"  # an exported base: greedy answers as transformers' float32 ones (tests/test_llama_backend.py)
 LORA_TYPE = "f32"  # the adapter is small: kept exact
@@ -135,55 +135,73 @@ def eos_ids(prepared: Prepared) -> set[int]:
 
 
 class LlamaCppEngine(Engine):
-    """utils.serving.Engine's queue, Jobs, stop strings and finish reasons, over one llama.cpp sequence at a time:
-    the next request waits until the running one has ended (first come, first served)."""
+    """utils.serving.Engine (its queue, Jobs, sampling, stop strings and finish reasons) over one llama.cpp sequence
+    at a time (LlamaRows): the next request waits until the running one has ended (first come, first served)."""
 
     def __init__(self, generator: LlamaCppGenerator, max_waiting: int, max_running: int = 1):
         # max_running: serving.engine_for passes --concurrency_limit; llama.cpp runs one sequence whatever it is.
-        super().__init__(generator, max_running=1, max_waiting=max_waiting)
+        super().__init__(generator, max_running=1, max_waiting=max_waiting, batch=LlamaRows(generator))
 
     def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
         return super().complete(prompts, dataclasses.replace(settings.checked(), num_beams=1), stop)
 
-    def _join(self, jobs: list[Job]) -> None:
-        """The whole generation of the one job taken from the queue (max_running is 1): prefill the prompt, then one
-        token at a time until the job ends (Engine._append retires it), so that Engine._serve never steps a batch."""
-        [job], llm = jobs, self.model
-        with self.lock:
-            self.running.append(job)
-            self.joining.clear()
-        with self.generator.lock:
-            llm.reset()  # each request evaluates its whole prompt
-            llm.eval(job.input_ids[0].tolist())
-            while True:
-                if job.stop_event.is_set():
-                    self._retire(job, "cancelled")
-                    return
-                self._append(job, self._pick(job))
-                if job.done:
-                    return
-                llm.eval(job.tokens[-1:])
 
-    def _pick(self, job: Job) -> int:
-        """The next token from the last position's logits: their argmax, or a draw from `candidates`."""
+@dataclasses.dataclass
+class LlamaPrefill:
+    jobs: list[Job]
+    done: int = 0
+
+
+class LlamaRows:
+    """utils.serving.Batch's surface over llama.cpp's one sequence: its prompt is evaluated PREFILL_CHUNK tokens a
+    round, then one token a step. The generator's lock is held from its prefill until its row leaves."""
+
+    def __init__(self, generator: LlamaCppGenerator):
+        self.generator, self.llm = generator, generator.model
+        self.jobs: list[Job] = []
+        self.holder: Optional[Job] = None  # the job whose sequence is in llama.cpp's context
+
+    def start(self, jobs: list[Job]) -> LlamaPrefill:
+        return LlamaPrefill(jobs)  # max_running is 1: one job
+
+    def prefill(self, todo: LlamaPrefill) -> Optional[torch.Tensor]:
+        [job] = todo.jobs
+        if self.holder is not job:
+            self.generator.lock.acquire()
+            self.holder = job
+            self.llm.reset()  # each request evaluates its whole prompt
+        ids = job.input_ids[0].tolist()
+        end = min(todo.done + PREFILL_CHUNK, len(ids))
+        self.llm.eval(ids[todo.done:end])
+        todo.done = end
+        return self._logits()[None] if end == len(ids) else None
+
+    def join(self, todo: LlamaPrefill) -> None:
+        self.jobs = list(todo.jobs)
+
+    def step(self) -> tuple[list, list]:
+        [job] = self.jobs
+        try:
+            self.llm.eval(job.tokens[-1:])
+        except Exception as err:  # noqa: BLE001 - this request's own error
+            self.remove(job)
+            return [], [(job, err)]
+        return [(job, self._logits())], []
+
+    def remove(self, job: Job) -> None:
+        """The job's row leaves, or its prefill ends: llama.cpp is free for the next one."""
+        self.jobs = [j for j in self.jobs if j is not job]
+        if self.holder is job:
+            self.holder = None
+            self.generator.lock.release()
+
+    def _logits(self) -> torch.Tensor:
+        """The last position's logits (a copy: llama.cpp reuses its buffer)."""
         import llama_cpp
 
-        llm = self.model
+        llm = self.llm
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-        if job.warp is None:
-            return int(logits.argmax())
-        probs, ids = candidates(torch.from_numpy(logits.copy()), job.warp, job.settings.top_k)
-        return int(ids[int(torch.multinomial(probs, 1))])
-
-
-def candidates(logits: torch.Tensor, warp, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities, token ids) of the tokens a sampled answer may take next: transformers' warpers (temperature,
-    top-k, top-p) applied, with a top_k, to the top_k most likely tokens only. The same distribution, as the others
-    get probability 0 either way, without sorting the whole vocabulary for top-p at every token."""
-    ids = torch.arange(len(logits))
-    if 0 < top_k < len(logits):
-        logits, ids = torch.topk(logits, top_k)
-    return warp(None, logits[None])[0].softmax(dim=-1), ids
+        return torch.from_numpy(logits.copy())
 
 
 LlamaCppGenerator.engine_class = LlamaCppEngine  # what serving.engine_for builds for the demo and the API
