@@ -29,6 +29,9 @@ GEMMA = ("{{ bos_token }}{%- for m in messages %}{%- set role = 'model' if m.rol
          "{{ '<start_of_turn>' + role + '\\n' + m.content | trim + '<end_of_turn>\\n' }}{%- endfor %}"
          "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}")
 
+# Sliding windows shorter than any test prompt, so that the windowing is exercised (real ones: 4096, 512).
+WINDOW = 8
+
 # family -> (config class and its extra settings, special tokens, chat template)
 FAMILIES = {
     "llama3": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=dict(
@@ -40,8 +43,15 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True),
               dict(eos="<|im_end|>", pad="<|endoftext|>", extra=["<|im_start|>"]), CHATML),
     "mistral": ("MistralConfig", dict(sliding_window=None), dict(bos="<s>", eos="</s>", pad=None, extra=["[INST]", "[/INST]"]), MISTRAL),
-    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16), dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16), dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
+    # Mistral 7B v0.1's layout: every layer a sliding window
+    "mistral_window": ("MistralConfig", dict(sliding_window=WINDOW), dict(bos="<s>", eos="</s>", pad=None, extra=["[INST]", "[/INST]"]), MISTRAL),
+    # Gemma 2 alternates sliding-window and full layers by default
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW),
+               dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
+    # Gemma 3's default pattern (5 sliding to 1 full) would make both of 2 layers sliding: one of each, as in 6
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                        layer_types=["sliding_attention", "full_attention"]),
+               dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", extra=["<start_of_turn>"]), GEMMA),
 }
 
 

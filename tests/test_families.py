@@ -104,3 +104,44 @@ def test_the_demo_generator_answers_instructions_and_conversations(family):
         streamed = "".join(stream)
     assert instruction.completion_tokens > 0 and stream.completion.completion_tokens > 0, name
     assert streamed.strip() == stream.completion.text
+
+
+def test_overlapping_requests_answer_as_one_at_a_time(family):
+    """The server's batch (utils.serving.Engine) with the family's adapter: requests joining a running batch one
+    after another and leaving it at different lengths get, token for token, the greedy answers generate() gives each
+    alone, with windows shorter than the prompts (tests/families.py) on the sliding-window families."""
+    import threading
+    import time
+
+    from gen_helpers import never_eos, slowed
+
+    from utils.generation import Settings, load_generator, unwrapped
+    from utils.serving import Engine
+
+    name, base, adapter, _ = family
+    generator = load_generator(str(base), str(adapter), device="cpu")
+    prompts = [generator.render(p) for p in ("Name three colours.", "Tell me about alpacas.", "Hi.",
+                                             "Write a short poem about llamas and vicunas in the Andes.")]
+    lengths = [14, 5, 20, 9]
+    widest = []
+    with never_eos(generator.model, generator.tokenizer.eos_token_id):
+        alone = [generator.complete([p], Settings(temperature=0, num_beams=1, max_new_tokens=n))[0]
+                 for p, n in zip(prompts, lengths)]
+        engine = Engine(generator, max_running=4, max_waiting=4)
+        hook = unwrapped(generator.model).register_forward_pre_hook(
+            lambda m, a, kw: widest.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        with slowed(generator.model, 0.01):
+            jobs = []
+            for prompt, n in zip(prompts, lengths):
+                jobs.append(engine.stream(prompt, Settings(temperature=0, num_beams=1, max_new_tokens=n)))
+                deadline = time.time() + 30
+                while not jobs[-1].tokens and time.time() < deadline:  # it joins a batch already running
+                    threading.Event().wait(0.005)
+            for job in jobs:
+                "".join(job)
+        hook.remove()
+        engine.close()
+    assert min(generator.prompt_tokens(p) for p in prompts) > 8  # longer than the sliding windows
+    assert [(j.completion.text, j.completion.completion_tokens) for j in jobs] == \
+        [(c.text, c.completion_tokens) for c in alone], name
+    assert max(widest) >= 3, name  # the rows really shared forward passes
