@@ -9,7 +9,8 @@ import torch
 from gen_helpers import hold_back_inductor, make_adapter, never_eos, slowed
 
 from utils.generation import Settings, load_generator, unwrapped
-from utils.serving import Engine, QueueFull, safe_end
+from utils.cli import UserError
+from utils.serving import PREFILL_CHUNK, Engine, QueueFull, RowFailed, rows_in_flight, safe_end
 
 GREEDY = Settings(temperature=0, num_beams=1, max_new_tokens=12)
 PROMPTS = ["Hi.", "Tell me about alpacas.", "Write a long poem about llamas and vicunas in the Andes mountains, please.",
@@ -61,11 +62,103 @@ def test_greedy_answers_in_a_batch_equal_the_unbatched_ones(gen):
     assert engine.busy == 0
 
 
-def test_beam_search_runs_whole_between_steps(gen):
+def test_beam_search_answers_as_generate_does(gen):
     engine = Engine(gen, max_running=4, max_waiting=4)
     prompts = [gen.render(p) for p in PROMPTS[:2]]
     beams = Settings(temperature=0, num_beams=3, max_new_tokens=6)
     assert [c.text for c in engine.complete(prompts, beams)] == [c.text for c in gen.complete(prompts, beams)]
+
+
+@pytest.mark.parametrize("where", ["sampling", "prefill", "step"])
+def test_a_poisoned_request_fails_alone(gen, where):
+    """Among ordinary requests that share its prefill and its decoding steps, one whose scores turn to NaN, or
+    whose forward pass raises, ends with its own error; each other one gets the tokens it would have had alone."""
+    engine = Engine(gen, max_running=8, max_waiting=8)
+    prompts, poison = [gen.render(p) for p in PROMPTS[:4]], gen.render("Poison me.")
+    settings = Settings(temperature=0, num_beams=1, max_new_tokens=10)
+
+    def poisoned():
+        return [i for i, job in enumerate(rows_in_flight() or []) if job.prompt == poison]
+
+    def not_a_number(module, args, output):
+        output[poisoned()] = float("nan")
+
+    def failing(module, args, kwargs):
+        if poisoned() and (kwargs["input_ids"].shape[1] > 1) == (where == "prefill"):
+            raise RuntimeError("poisoned forward pass")
+
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        alone = [gen.complete([p], settings)[0] for p in prompts]
+        model = unwrapped(gen.model)
+        hook = (model.lm_head.register_forward_hook(not_a_number) if where == "sampling"
+                else model.register_forward_pre_hook(failing, with_kwargs=True))
+        try:
+            with engine.lock:  # all queued before the engine takes any: one prefill, then one batch
+                jobs = [engine.stream(p, settings) for p in prompts[:2] + [poison] + prompts[2:]]
+            bad = jobs.pop(2)
+            with pytest.raises(RowFailed if where == "sampling" else RuntimeError,
+                               match="not numbers" if where == "sampling" else "poisoned forward pass"):
+                "".join(bad)
+            for job in jobs:
+                "".join(job)
+        finally:
+            hook.remove()
+    assert [(j.completion.text, j.completion.completion_tokens) for j in jobs] == \
+        [(c.text, c.completion_tokens) for c in alone]
+    assert engine.busy == 0
+
+
+def test_a_temperature_that_can_only_overflow_is_refused_up_front(gen):
+    engine = Engine(gen, max_running=2, max_waiting=2)
+    with pytest.raises(UserError, match=r"^temperature must be 0 \(greedy\) or at least 0.001, not 1e-45$"):
+        engine.stream(gen.render("Hi."), Settings(temperature=1e-45, num_beams=1))
+    assert engine.busy == 0
+
+
+def test_a_stream_keeps_flowing_during_a_beam_search_and_a_long_prefill(gen):
+    """A 4-beam answer takes one forward pass a round and a long prompt one PREFILL_CHUNK a round: a running stream
+    gets a token in every round meanwhile. Stopping ends the beam search and the prefill part way."""
+    engine = Engine(gen, max_running=4, max_waiting=4)
+    long_prompt = gen.render("Tell me about alpacas and llamas, please. " * 14)
+    chunks = -(-gen.prompt_tokens(long_prompt) // PREFILL_CHUNK)
+    assert chunks >= 3
+    received = {}
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        stream = engine.stream(gen.render("Hi."), Settings(temperature=0, num_beams=1, max_new_tokens=400))
+        wait_until(lambda: stream.tokens, "the stream never started")
+
+        def beams():
+            before = len(stream.tokens)
+            received["answer"] = engine.complete([gen.render("Name three colours.")],
+                                                 Settings(temperature=0, num_beams=4, max_new_tokens=12))[0]
+            received["beams"] = len(stream.tokens) - before
+
+        beam_thread = threading.Thread(target=beams, daemon=True)
+        beam_thread.start()
+        before = len(stream.tokens)
+        long = engine.stream(long_prompt, Settings(temperature=0, num_beams=1, max_new_tokens=2))
+        wait_until(lambda: long.tokens, "the long prompt was never prefilled")
+        received["prefill"] = len(stream.tokens) - before
+        beam_thread.join(60)
+
+        stop = threading.Event()
+        cancelled = {}
+        beam_thread = threading.Thread(target=lambda: cancelled.update(answer=engine.complete(
+            [gen.render("Name three colours.")], Settings(temperature=0, num_beams=4, max_new_tokens=300), stop)[0]),
+            daemon=True)
+        with slowed(gen.model, 0.01):  # rounds slow enough to stop both part way
+            beam_thread.start()
+            long = engine.stream(long_prompt, Settings(temperature=0, num_beams=1, max_new_tokens=2), stop)
+            wait_until(lambda: engine.guest and engine.prefilling and engine.prefilling[0].done, "neither started")
+            stop.set()
+            beam_thread.join(60)
+            wait_until(lambda: long.done, "the stopped prefill never ended")
+        stream.stop()
+    assert received["answer"].completion_tokens == 12 and received["beams"] >= 10
+    assert received["prefill"] >= chunks - 1
+    assert cancelled["answer"].finish_reason == "cancelled" and cancelled["answer"].completion_tokens < 300
+    assert long.completion.finish_reason == "cancelled" and long.completion.completion_tokens == 0
+    wait_until(lambda: engine.busy == 0, "a stopped request kept its place")
 
 
 def test_stopping_frees_the_place_of_a_running_and_a_waiting_request(gen):

@@ -320,7 +320,8 @@ class Batch:
         try:
             out = self._forward(self.jobs, input_ids=last, attention_mask=mask, position_ids=positions, cache=self.cache)
         except Exception:  # noqa: BLE001 - which row caused it is found below
-            self.cache.crop(length)  # the layers the failed pass had already extended
+            for layer in self.cache.layers:  # undo the layers the failed pass had already extended (crop() would
+                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]  # cut them all)
             return self._step_apart(last, mask, positions)
         self.mask = mask
         return list(zip(self.jobs, out.logits[:, -1, :])), []
@@ -592,7 +593,19 @@ class Engine:
                     if self.closed and not self._work():
                         return
                     self._admit()
-                self._round()
+                try:
+                    self._round()
+                except Exception as err:  # noqa: BLE001 - a bug of the engine's own: its requests end, serving goes on
+                    self._fail_all(err)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self.lock:
+            jobs = [*self.batch.jobs, *(job for todo in self.prefilling for job in todo.jobs)]
+            self.prefilling.clear()
+        for job in jobs:
+            with self.lock, contextlib.suppress(Exception):  # the batch may be what broke
+                self.batch.remove(job)
+            job.fail(error)
 
     def _admit(self) -> None:
         """Under the lock: drop what was cancelled while waiting, start prefilling the streams that fit, and let the
