@@ -503,7 +503,6 @@ class Engine:
         """Whole answers: one beam joins the batch like a stream; beam search runs in this thread through
         transformers' generate(), one forward pass a round (Turns), so that the batch's streams go on meanwhile."""
         settings = settings.checked()
-        stop = stop or threading.Event()
         if settings.num_beams == 1:
             jobs = []
             try:
@@ -515,6 +514,7 @@ class Engine:
                 for job in jobs:
                     job.stop()
             return [job.completion for job in jobs]
+        stop = stop or threading.Event()
         guest = Guest(stop)
         with self.lock:
             self.queue.check_room(self._taken())
