@@ -117,8 +117,8 @@ def test_auth_is_the_demos_password(url):
     (dict(messages=[{"role": "user", "content": " "}]), 400, "messages, turn 0: empty user turn"),
     (dict(messages=HISTORY[:3]), 400, "the last message should be the user's"),
     (dict(n=2), 400, "only n=1 is supported"),
-    (dict(temperature=-1), 400, "temperature must be 0 (greedy) or at least 0.001"),
-    (dict(temperature=1e-45), 400, "temperature must be 0 (greedy) or at least 0.001"),  # it can only overflow
+    (dict(temperature=-1), 400, "temperature must be 0 for greedy or at least 0.001"),
+    (dict(temperature=1e-45), 400, "temperature must be 0 for greedy or at least 0.001"),  # it can only overflow
     (dict(messages="hi"), 400, "messages: Input should be a valid list"),
 ])
 def test_bad_requests_get_openai_style_errors(client, request_, status, message):

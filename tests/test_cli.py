@@ -77,7 +77,7 @@ MISTAKES = [
     case("finetune.py", ["--save_steps", "0"], "--save_steps must be at least 1"),
     case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--cutoff_len", "4096"],
          "--cutoff_len 4096 is longer than the model's 512-token context"),
-    case("generate.py", ["--temperature", "-1"], "--temperature must be 0 (greedy) or at least 0.001, not -1"),
+    case("generate.py", ["--temperature", "-1"], "--temperature must be 0 for greedy or at least 0.001, not -1"),
     case("generate.py", ["--top_p", "1.5"], "--top_p must be above 0 and at most 1"),
     case("generate.py", ["--server_port", "70000"], "--server_port must be a port number from 1 to 65535"),
     case("generate.py", ["--device", "gpu"], "--device must be auto, cpu, mps, cuda or cuda:N"),

@@ -110,7 +110,7 @@ def test_a_poisoned_request_fails_alone(gen, where):
 
 def test_a_temperature_that_can_only_overflow_is_refused_up_front(gen):
     engine = Engine(gen, max_running=2, max_waiting=2)
-    with pytest.raises(UserError, match=r"^temperature must be 0 \(greedy\) or at least 0.001, not 1e-45$"):
+    with pytest.raises(UserError, match=r"^temperature must be 0 for greedy or at least 0.001, not 1e-45$"):
         engine.stream(gen.render("Hi."), Settings(temperature=1e-45, num_beams=1))
     assert engine.busy == 0
 

@@ -59,7 +59,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "wandb_log_model": one_of("", "false", "true", "end", "checkpoint"),
     # generation: generate.py, evaluate.py, the demo's sliders and the API
     # Between 0 and 1e-3 a temperature only overflows the scores it divides (1e-45: every one infinite).
-    "temperature": ((lambda v: _number(v) and (v == 0 or v >= 1e-3)), "0 (greedy) or at least 0.001"),
+    "temperature": ((lambda v: _number(v) and (v == 0 or v >= 1e-3)), "0 for greedy or at least 0.001"),
     "top_p": ((lambda v: _number(v) and 0 < v <= 1), "above 0 and at most 1"),
     "top_k": at_least(0),
     "num_beams": at_least(1),
