@@ -67,7 +67,9 @@ def answering(model, tokenizer, answer_for):
             return
         jobs = rows_in_flight()
         for row, job in enumerate(jobs or [None]):  # a prefill: new generations start (the engine's: one a row)
-            prompt = tokenizer.decode(ids[row], skip_special_tokens=True)
+            if jobs and id(job) in by_job:  # the next chunk of a long prompt, or a retry
+                continue
+            prompt = tokenizer.decode(job.input_ids[0] if jobs else ids[row], skip_special_tokens=True)
             answer = answer_for(prompt)
             script = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             run = {"prompt": prompt, "answer": answer, "script": script, "rows": 1 if jobs else ids.shape[0], "steps": 0}
@@ -77,6 +79,9 @@ def answering(model, tokenizer, answer_for):
     def on_logits(module, args, output):
         jobs = rows_in_flight()
         rows = [by_job[id(job)] for job in jobs] if jobs else [local.run] * output.shape[0]
+        if jobs:  # an engine row's step is its token count, however many chunks its prefill took
+            for run, job in zip(rows, jobs):
+                run["steps"] = len(job.tokens)
         output.fill_(float("-inf"))
         for i, run in enumerate(rows):
             output[i, ..., run["script"][min(run["steps"], len(run["script"]) - 1)]] = 0.0
