@@ -1,7 +1,8 @@
 """Today's bases end to end, on tiny random models of each family (tests/families.py): training lowers the loss
 with LoRA on all-linear, the adapter reloads, the merged export equals base + adapter, the family's chat layout
 puts the loss on the assistant turns only, a tokenizer whose pad token is EOS still learns to stop, and the
-demo's generator answers instructions and conversations."""
+demo's generator answers instructions and conversations, and the server's batch answers overlapping requests as
+it answers them one at a time (sliding windows included)."""
 
 import json
 
