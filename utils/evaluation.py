@@ -139,16 +139,20 @@ def losses_table(losses: dict) -> str:
 
 
 def write_report(out: Path, losses: Optional[dict], answers: Optional[list[dict]], settings: dict) -> list[Path]:
-    """evaluation.json (figures and settings), answers.jsonl, evaluation.md (both tables); returns the paths."""
+    """evaluation.json (figures and settings), answers.jsonl, evaluation.md (both tables), each written durably;
+    returns the paths."""
+    from utils import durable
+
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "evaluation.json"]
-    written[0].write_text(json.dumps({"settings": settings, "held_out": losses}, indent=2) + "\n")
+    durable.sweep(out)  # what an evaluation killed while writing left
+    written = {out / "evaluation.json": json.dumps({"settings": settings, "held_out": losses}, indent=2) + "\n"}
     markdown = ["# Base model vs base + adapter", ""]
     if losses:
         markdown += ["## Held-out loss", "", losses_table(losses)]
     if answers is not None:
-        (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
-        written.append(out / "answers.jsonl")
+        written[out / "answers.jsonl"] = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
         markdown += ["## Answers", "", answers_table(answers)]
-    (out / "evaluation.md").write_text("\n".join(markdown))
-    return written + [out / "evaluation.md"]
+    written[out / "evaluation.md"] = "\n".join(markdown)
+    for path, text in written.items():
+        durable.write_text(path, text)
+    return list(written)

@@ -16,6 +16,7 @@ from typing import ContextManager, Iterator, Optional
 import torch
 
 from utils.checks import DTYPE_ALIASES, check_value
+from utils import durable
 from utils.cli import UserError, log
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,37 +58,28 @@ def atomic_output_file(output_file: str, overwrite: bool = False) -> ContextMana
 
 @contextmanager
 def staged(target: Path, flag: str, directory: bool) -> Iterator[Path]:
-    """A temporary directory or file beside target, moved into place when the block finishes. On any error (or
-    Ctrl-C) it is removed, with the parent directories this call created: a failed export never leaves a
+    """A temporary directory or file beside target (utils.durable), moved into place when the block finishes. On any
+    error (or Ctrl-C) it is removed, with the parent directories this call created: a failed export never leaves a
     half-written model where a runtime could pick it up. `flag`: the flag and value, for the error."""
     created = missing_parents(target)
-    prefix = f".{target.name}.tmp-"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if directory:
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
-        else:
-            handle, name = tempfile.mkstemp(dir=target.parent, prefix=prefix)
-            os.close(handle)
-            tmp = Path(name)
+        durable.sweep(target.parent, target.name)  # what an export killed before this one left
+        tempfile.TemporaryFile(dir=target.parent).close()  # writable? (an unnamed file: nothing to clean up)
     except OSError as err:
         remove_empty(created)
         raise UserError(f"{flag} is not writable ({err.strerror})") from None
     try:
-        yield tmp
-        make_readable(tmp)
-        publish(tmp, target)
+        with (durable.durable_dir if directory else durable.durable_file)(target) as tmp:
+            yield tmp
+            make_readable(tmp)
     except BaseException:
-        if directory:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
         remove_empty(created)
         raise
 
 
 def make_readable(tmp: Path) -> None:
-    """mkdtemp, mkstemp (and safetensors) create private files; an export is for others to read, as the umask allows."""
+    """safetensors creates private files; an export is for others to read, as the umask allows."""
     umask = os.umask(0)
     os.umask(umask)
     for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
@@ -105,19 +97,6 @@ def remove_empty(dirs: list[Path]) -> None:
             path.rmdir()
         except OSError:
             break
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Move the finished export into place; an old export (--overwrite_output_dir) is deleted only afterwards."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if tmp.is_dir() and target.exists():
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)  # atomic on one filesystem; an old file is replaced only now
 
 
 def rope_parameters(config) -> dict:

