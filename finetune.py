@@ -112,7 +112,7 @@ def train(
 
     check_values(arguments)
     plan = check_run(arguments)
-    from utils import durable, training
+    from utils import training
     from utils.checkpoints import CheckpointKeeper
 
     prepare_data(plan, arguments)
@@ -123,11 +123,11 @@ def train(
     trainer = build_trainer(model, plan.tokenizer, plan.train_data, plan.val_data, plan.out, plan.device, plan.settings,
                             args=args, keeper=CheckpointKeeper(arguments, arguments["save_minutes"]))
     plan.out.mkdir(parents=True, exist_ok=True)
-    durable.sweep(plan.out)  # what a run killed mid-save left
     if arguments["overwrite_output_dir"] and not plan.checkpoint:
         training.clear_earlier_checkpoints(plan.out)
-    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    finish_run(trainer, result.metrics, plan, arguments)
+    with training.disk_errors(plan.out):
+        result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        finish_run(trainer, result.metrics, plan, arguments)
 
 
 @dataclass
@@ -158,7 +158,7 @@ class Plan:
 
 def check_run(a: dict) -> Plan:
     """Every check of the flags, the data file, the output directory and the base's config, in that order."""
-    from utils import distributed, models, training
+    from utils import distributed, durable, models, training
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     distributed.check_launcher()
@@ -176,6 +176,7 @@ def check_run(a: dict) -> Plan:
     val_size = resolve_val_set_size(a["val_set_size"], len(records))
 
     out = training.check_output_dir(a["output_dir"], bool(a["resume_from_checkpoint"]), a["overwrite_output_dir"])
+    durable.sweep(out)  # what a run killed mid-save left: garbage, whatever the checks below find
     checkpoint, warm_start = training.resolve_resume(a["resume_from_checkpoint"], out)
     if warm_start:
         models.check_adapter_dir(warm_start)  # a save cut short is refused here, before its base is looked up

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,3 +93,109 @@ def fake_checkpoint(path: Path) -> Path:
 
 def truncate(path: Path, share: float) -> None:
     os.truncate(path, int(path.stat().st_size * share))
+
+
+# --- real faults: a training run and an export killed (SIGKILL) mid-save, a disk that fills up -------------------
+
+RUN = dict(batch_size=8, micro_batch_size=4, cutoff_len=128, val_set_size=0, logging_steps=1, save_steps=1, warmup_steps=0)
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_model, tmp_path_factory) -> tuple[dict, Path]:
+    """The previous good state: a finished 2-step run (checkpoint-1, checkpoint-2, the adapter); and its flags."""
+    import finetune
+
+    data = tmp_path_factory.mktemp("data") / "alpaca.json"
+    data.write_text(json.dumps(json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:40]))
+    out = tmp_path_factory.mktemp("good") / "lora"
+    flags = dict(RUN, base_model=str(tiny_model), data_path=str(data))
+    finetune.train(**flags, output_dir=str(out), max_steps=2)
+    return flags, out
+
+
+def faulty(where: str, folder: Path, entry: str, flags: dict, limit_bytes: int = 0) -> subprocess.CompletedProcess:
+    """The entry point run by tests/faults.py: killed at the write `where` names, or with files capped at limit_bytes."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, str(REPO / "tests" / "faults.py"), where, str(folder), entry, json.dumps(flags)],
+                          capture_output=True, text=True, timeout=600, preexec_fn=cap if limit_bytes else None)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def loads_whole(checkpoint: Path) -> None:
+    """Every file of a checkpoint judged complete really loads."""
+    import torch
+    from safetensors.torch import load_file
+
+    for file in checkpoint.iterdir():
+        if file.suffix in (".pt", ".pth", ".bin"):
+            torch.load(file, weights_only=False)
+        elif file.suffix == ".safetensors":
+            load_file(file)
+        elif file.suffix == ".json":
+            json.loads(file.read_text())
+
+
+def check_after_fault(before: dict[str, bytes], out: Path, flags: dict, capsys) -> None:
+    """What was saved before is intact, every checkpoint is whole or named incomplete, the adapter loads, and a resume
+    either finishes the run or says in one line why it cannot."""
+    import finetune
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from utils.cli import UserError
+
+    now = files(out)
+    for name, content in before.items():
+        if name.startswith("checkpoint-") and name in now:  # a checkpoint the run rotated out is gone on purpose
+            assert now[name] == content, f"{name} changed"
+    complete = [c for c in out.glob("checkpoint-*") if checkpoint_problem(c) is None]
+    assert max(int(c.name.split("-")[1]) for c in complete) >= 2
+    for checkpoint in complete:
+        loads_whole(checkpoint)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(flags["base_model"]), out)  # old or new, whole
+    capsys.readouterr()
+    try:
+        finetune.train(**flags, output_dir=str(out), max_steps=4, resume_from_checkpoint=True)
+    except UserError as err:
+        assert "nothing left to train" in str(err) and "\n" not in str(err)
+    assert not list(out.glob(f"{durable.TEMP_PREFIX}*"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(flags["base_model"]), out)
+
+
+@pytest.mark.parametrize("where", [
+    "save_file checkpoint-3/adapter_model.safetensors",  # the weights of a checkpoint, cut mid-write
+    "save checkpoint-3/optimizer.pt",
+    "open checkpoint-3/trainer_state.json",  # everything but the trainer state written
+    "save_file .partial-",  # the final adapter, staged
+    "replace training_args.json",  # the final adapter half published
+    "replace adapter_config.json",
+])
+def test_training_killed_mid_save_keeps_what_was_saved(good_run, tmp_path, where, capsys):
+    flags, good = good_run
+    out = tmp_path / "lora"
+    shutil.copytree(good, out)
+    before = files(out)
+    killed = faulty(where, out, "finetune:train", dict(flags, output_dir=str(out), max_steps=4, resume_from_checkpoint=True))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    check_after_fault(before, out, flags, capsys)
+
+
+def test_training_on_a_full_disk_keeps_what_was_saved(good_run, tmp_path, capsys):
+    """Files capped below the optimizer state's size (RLIMIT_FSIZE): the first checkpoint save fails."""
+    flags, good = good_run
+    out = tmp_path / "lora"
+    shutil.copytree(good, out)
+    before = files(out)
+    full = faulty("", out, "finetune:train", dict(flags, output_dir=str(out), max_steps=4, resume_from_checkpoint=True),
+                  limit_bytes=30_000)
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: the disk is full or refused a write")
+    check_after_fault(before, out, flags, capsys)

@@ -107,13 +107,24 @@ def durable_files(target: Path, last: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def make_readable(path: Path) -> None:
+    """safetensors creates private files: what is published is for others to read, as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def publish_files(staging: Path, target: Path, last: str) -> None:
     """Move every file of `staging` into the existing directory `target`, durably, `last` after all the others.
-    `last` is the file that makes the set usable (an adapter's adapter_config.json): it is removed from target
-    first, so a reader finds the old set whole, no set (no `last`), or the new set whole, never a mixture."""
+    `last` is the file that makes the set usable (an adapter's adapter_config.json): unless the new one is the same
+    (a resumed run's), it is removed from target first, so a reader finds the old set whole, no set (no `last`), or
+    the new set whole, never a mixture."""
+    make_readable(staging)
     fsync_tree(staging)
-    if (target / last).exists():
-        (target / last).unlink()
+    old, new = target / last, staging / last
+    if old.exists() and not (new.is_file() and old.read_bytes() == new.read_bytes()):
+        old.unlink()
         fsync_path(target)
     for item in sorted(staging.iterdir(), key=lambda p: p.name == last):
         if (target / item.name).is_dir():

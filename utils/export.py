@@ -72,18 +72,10 @@ def staged(target: Path, flag: str, directory: bool) -> Iterator[Path]:
     try:
         with (durable.durable_dir if directory else durable.durable_file)(target) as tmp:
             yield tmp
-            make_readable(tmp)
+            durable.make_readable(tmp)
     except BaseException:
         remove_empty(created)
         raise
-
-
-def make_readable(tmp: Path) -> None:
-    """safetensors creates private files; an export is for others to read, as the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def missing_parents(path: Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """Training plumbing around the Hugging Face Trainer: run directories, resuming, saving, guards."""
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -206,6 +207,23 @@ def run_id(checkpoint: Optional[str]) -> str:
         with contextlib.suppress(ValueError):
             return json.loads(recorded.read_text()).get("run_id") or uuid.uuid4().hex[:12]
     return uuid.uuid4().hex[:12]
+
+
+@contextlib.contextmanager
+def disk_errors(output_dir: Path):
+    """A write the disk refuses (full, over quota, over the file size limit) while training or saving is one line:
+    the durable writes left what was saved before intact, so the run can continue once there is room."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        refused = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        # torch.save reports a failed write as a RuntimeError from its zip writer, with no errno
+        refused = refused or isinstance(err, RuntimeError) and "inline_container" in str(err)
+        if not refused:
+            raise
+        why = err.strerror if isinstance(err, OSError) else "a write failed"
+        raise UserError(f"the disk is full or refused a write ({why}) while saving in {output_dir}: what was saved "
+                        "before is intact; free some space, then continue with --resume_from_checkpoint True") from None
 
 
 def default_save_steps(total_steps: int) -> int:
