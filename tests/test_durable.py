@@ -199,3 +199,21 @@ def test_training_on_a_full_disk_keeps_what_was_saved(good_run, tmp_path, capsys
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith("error: the disk is full or refused a write")
     check_after_fault(before, out, flags, capsys)
+
+
+@pytest.mark.parametrize("where", ["save_file .partial-", "open .partial-"])
+def test_an_export_killed_mid_save_keeps_the_earlier_one_and_its_leftovers_are_removed(good_run, tmp_path, where, capsys):
+    import export_hf_checkpoint
+
+    flags, adapter = good_run
+    export = dict(base_model=flags["base_model"], lora_weights=str(adapter), output_dir=str(tmp_path / "export"))
+    export_hf_checkpoint.export(**export)
+    before = files(tmp_path)
+    killed = faulty(where, tmp_path, "export_hf_checkpoint:export", dict(export, overwrite_output_dir=True))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert {k: v for k, v in files(tmp_path).items() if not k.startswith(durable.TEMP_PREFIX)} == before
+    assert list(tmp_path.glob(f"{durable.TEMP_PREFIX}*"))  # the model-sized copy a killed export leaves...
+    capsys.readouterr()
+    export_hf_checkpoint.export(**export, overwrite_output_dir=True)
+    assert "Removed 1 unfinished file(s) a killed save left in" in capsys.readouterr().out  # ...is removed, with a line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
