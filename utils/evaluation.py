@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, log
 from utils.data import IGNORE_INDEX, load_records, resolve_val_set_size, split_records, tokenize_records
 from utils.generation import Generator, Settings
 
@@ -136,6 +136,21 @@ def losses_table(losses: dict) -> str:
         f"{base['records']} records, {base['tokens']} response tokens.",
         "",
     ])
+
+
+def output_dir_for(lora_weights: str, output_dir: str) -> Path:
+    """Where the results go: --output_dir, else <adapter>/evaluation, and for a Hub adapter ./evaluations/owner--name
+    (said in a line): a folder at ./owner/name would shadow the id for every later run (Hub ids hold no "--")."""
+    from utils.models import hub_id
+
+    hub = hub_id(lora_weights) and not Path(lora_weights).exists()
+    out = Path(output_dir or (Path("evaluations") / lora_weights.replace("/", "--") if hub else Path(lora_weights) / "evaluation"))
+    if hub and out.absolute().is_relative_to(Path(lora_weights).absolute()):
+        raise UserError(f"--output_dir {output_dir} would create a folder named like the Hub adapter {lora_weights}, "
+                        "which would then shadow it: choose another --output_dir")
+    if hub and not output_dir:
+        log(f"Results of the Hub adapter {lora_weights} go to {out}")
+    return out
 
 
 def write_report(out: Path, losses: Optional[dict], answers: Optional[list[dict]], settings: dict) -> list[Path]:

@@ -4,6 +4,7 @@ The format writers live beside this module: utils/export_meta.py (Meta's consoli
 (llama.cpp) and utils/export_onnx.py (ONNX Runtime).
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -15,8 +16,8 @@ from typing import ContextManager, Iterator, Optional
 
 import torch
 
-from utils.checks import DTYPE_ALIASES, check_value
 from utils import durable
+from utils.checks import DTYPE_ALIASES, check_value
 from utils.cli import UserError, log
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -126,6 +127,7 @@ def check_inputs(base_model: str, lora_weights: Optional[str]):
         log("No --lora_weights given: exporting the base model alone")
     base_model = choose_base_model(base_model, adapter)
     base_path = resolve_base_model(base_model)
+    check_quantization(base_model, base_path)
     try:
         config = AutoConfig.from_pretrained(base_path)
     except OSError as err:
@@ -133,6 +135,20 @@ def check_inputs(base_model: str, lora_weights: Optional[str]):
     if adapter:
         check_adapter_fits(base_path, adapter)
     return base_model, base_path, adapter, config
+
+
+def check_quantization(base_model: str, base_path: str) -> None:
+    """A base saved pre-quantized is merged into after dequantizing it (bitsandbytes: transformers' dequantize());
+    other methods' packed weights cannot be, and are refused: the adapter's delta would be lost or misapplied."""
+    from utils.models import saved_quantization
+
+    method = saved_quantization(base_path)
+    if method and not method.startswith("bitsandbytes"):
+        raise UserError(f"base model {base_model} is saved quantized ({method}): its packed weights cannot be "
+                        "dequantized here to merge an adapter into; pass the unquantized base as --base_model")
+    if method and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"base model {base_model} is saved in {method}: dequantizing it for the merge needs "
+                        "bitsandbytes (pip install bitsandbytes), or pass the unquantized base as --base_model")
 
 
 def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype):
@@ -144,6 +160,9 @@ def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype)
     from utils.models import load_model
 
     model = load_model(base_path, "none", "cpu", dtype=dtype)
+    if getattr(model, "is_quantized", False):  # saved pre-quantized (check_quantization): integer weights
+        model = model.dequantize().to(dtype)  # also drops config.quantization_config: the export is plain
+        log(f"The base was saved quantized: dequantized to {dtype_name(dtype)} for the merge; the export is not quantized")
     if lora_weights:
         if tied_embeddings(model) and adapter_touches_embeddings(model, lora_weights):
             untie_embeddings(model)

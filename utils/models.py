@@ -286,13 +286,16 @@ def load_model(path: str, quantization: str = "none", device: str = "cpu", devic
     dtype = dtype or load_dtype(device)
     if device_map is None and not sharded and (quantization != "none" or device != "cpu"):
         device_map = {"": device}
+    # Unquantized loading passes no quantization_config: None would override a base saved pre-quantized, whose
+    # integer weights would then load as if they were floats.
+    config = quantization_config(quantization, dtype, sharded)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             device_map=device_map,
-            quantization_config=quantization_config(quantization, dtype, sharded),
             attn_implementation=attn_implementation,
+            **({"quantization_config": config} if config else {}),
         )
     except OSError as err:
         raise UserError(f"could not load base model '{path}': {str(err).splitlines()[0]}") from None
@@ -349,6 +352,16 @@ def read_config(path: str) -> dict:
     return {**config.get("text_config", {}), **config}  # multimodal bases keep the language model's in text_config
 
 
+def saved_quantization(path: str) -> str:
+    """How a base was saved pre-quantized ("bitsandbytes 8-bit", "gptq", ...), "" for plain weights."""
+    config = read_config(path).get("quantization_config") or {}
+    method = str(config.get("quant_method", "")) if config else ""
+    if method == "bitsandbytes":
+        bits = "4-bit" if config.get("load_in_4bit") or config.get("_load_in_4bit") else "8-bit"
+        return f"bitsandbytes {bits}"
+    return method
+
+
 def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
     """Fail with one line on a missing, broken or empty adapter (the original's 443-byte file) before loading.
 
@@ -363,6 +376,9 @@ def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
         return None  # on the Hub: PEFT downloads it
     if not path.is_dir():
         raise UserError(f"adapter {lora_weights} is a file: pass the adapter directory (finetune.py's --output_dir)")
+    if not (path / "adapter_config.json").is_file() and hub_id(lora_weights):
+        raise UserError(f"local folder {lora_weights} (no adapter_config.json) shadows the Hub adapter {lora_weights}: "
+                        "rename or remove it, or pass the adapter's local directory")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{lora_weights} has no adapter_config.json: not a PEFT adapter directory (train one with finetune.py)")
     try:
@@ -389,6 +405,7 @@ def weight_shapes(path: str, from_config: bool = False) -> dict[str, list[int]]:
     """Shapes of a local checkpoint's weights by name, read from the safetensors headers alone (milliseconds);
     with `from_config` (or for a Hub id, .bin weights) those of the Linear layers of a model built on the meta
     device from its config, which names every layer as the model does, whatever the checkpoint's key names."""
+    from_config = from_config or bool(saved_quantization(path))  # packed 8/4-bit weights have other shapes
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() and not from_config else []
     if not files:
         return {f"{name}.weight": [m.out_features, m.in_features] for name, m in linear_layers(path).items()}
