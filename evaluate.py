@@ -113,9 +113,10 @@ def run_config(lora_weights: str, base_model: Optional[str], data_path: Optional
                val_set_size: Optional[float], flags: dict) -> dict:
     """What to score and how: each unset flag as the adapter's run had it (its training_args.json)."""
     from utils.data import DEFAULT_DATA_NAME
-    from utils.models import choose_base_model, run_arguments
+    from utils.models import choose_base_model
+    from utils.run_record import RunRecord
 
-    trained = run_arguments(lora_weights)
+    trained = RunRecord.read(lora_weights).arguments
     if data_path is None:  # the run's own held-out records
         if val_set_size is None and not trained:
             raise UserError(f"{lora_weights} has no training_args.json to find its held-out data: pass --data_path")

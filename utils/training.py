@@ -174,9 +174,11 @@ def check_lora_matches(adapter: str, lora: dict, target_modules: list[str]) -> N
     """Resuming or warm-starting continues the adapter's own LoRA layers: a differing --lora_r, --lora_alpha (which
     would rescale the trained weights), --lora_dropout or --lora_target_modules is refused, naming the value to pass.
     `lora`: lora_r, lora_alpha, lora_dropout as given."""
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    from utils.run_record import RunRecord
+
+    config = RunRecord.read(adapter).adapter_config
+    if not config:
         return  # an FSDP checkpoint: sharded weights, no adapter config to compare with
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
     trained = dict(lora_r=config.get("r"), lora_alpha=config.get("lora_alpha"), lora_dropout=config.get("lora_dropout"))
     for flag, value in lora.items():
         if trained[flag] is not None and not math.isclose(float(trained[flag]), float(value)):
@@ -202,11 +204,9 @@ def run_id(checkpoint: Optional[str]) -> str:
     """A resumed run keeps the id its checkpoint recorded (utils.checkpoints.CheckpointKeeper); a new run gets one."""
     import uuid
 
-    recorded = Path(checkpoint or "") / "training_args.json"
-    if checkpoint and recorded.is_file():
-        with contextlib.suppress(ValueError):
-            return json.loads(recorded.read_text()).get("run_id") or uuid.uuid4().hex[:12]
-    return uuid.uuid4().hex[:12]
+    from utils.run_record import RunRecord
+
+    return RunRecord.read(checkpoint).get("run_id") or uuid.uuid4().hex[:12]
 
 
 @contextlib.contextmanager
