@@ -42,7 +42,7 @@ def main(
 
     Args:
         lora_weights: LoRA adapter directory (finetune.py's output_dir, or a checkpoint-N in it) or Hub id. Required.
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the run's base model (else the embedded SmolLM2-135M-Instruct).
+        base_model: {BASE_MODEL}
         data_path: .json/.jsonl file or Hub data set id to score; default: the run's data with --val_set_size and --seed reproducing its split.
         val_set_size: Score only the records finetune.py holds out with this --val_set_size (count or fraction); unset with --data_path: every record.
         seed: The split's seed (finetune.py --seed); default: the run's, else 42.

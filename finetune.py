@@ -65,7 +65,7 @@ def train(
     """Fine-tune a causal LM with LoRA on instruction data and save the adapter to output_dir.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base of the adapter resumed from, else the embedded SmolLM2-135M-Instruct.
+        base_model: {BASE_MODEL}
         data_path: .json/.jsonl file or Hub data set id (e.g. yahma/alpaca-cleaned); default: the shipped 999-record Alpaca sample.
         output_dir: Where checkpoints, the final adapter, the tokenizer and metrics.json are written.
         batch_size: Records per optimizer step (global, over all processes).

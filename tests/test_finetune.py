@@ -409,7 +409,11 @@ def test_help_lists_every_flag_with_its_default_and_docstring_line():
 
     out = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
     rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^  --(\w+) \S+(?: \(default: (.*)\))?\n      (.*)$", out, re.M)}
+    from utils.cli import SHARED_HELP
+
     doc = inspect.getdoc(finetune.train)
+    for key, text in SHARED_HELP.items():  # help several scripts share, written once
+        doc = doc.replace(f"{{{key}}}", text)
     for name, param in inspect.signature(finetune.train).parameters.items():
         assert name in rows, f"--{name} is missing from finetune.py --help"
         default, meaning = rows[name]

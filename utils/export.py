@@ -115,7 +115,7 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def check_inputs(base_model: str, lora_weights: Optional[str]):
     """(the base model's name, its path, adapter or None, base config) for an export, every mistake found before
-    weights load. The base is models.choose_base_model's: --base_model, $BASE_MODEL, then the adapter's own."""
+    weights load. The base is models.choose_base_model's."""
     from transformers import AutoConfig
 
     from utils.models import check_adapter_dir, check_adapter_fits, choose_base_model, resolve_base_model
