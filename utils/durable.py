@@ -86,7 +86,11 @@ def durable_dir(target: Path, keep_existing: bool = False) -> Iterator[Path]:
             os.rename(target, temp_path(target, "old-"))  # no atomic exchange here: a short window without target
             os.rename(tmp, target)
         elif not target.exists():
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (keep_existing and target.exists()):  # else another process filled it first: theirs is kept
+                    raise
         fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old target
