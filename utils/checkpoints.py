@@ -24,7 +24,7 @@ class CheckpointKeeper(TrainerCallback):
         self.last = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.minutes and time.monotonic() - self.last >= self.minutes * 60:
+        if self.minutes and any_rank(time.monotonic() - self.last >= self.minutes * 60, args.device):
             control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
@@ -34,3 +34,16 @@ class CheckpointKeeper(TrainerCallback):
             durable.write_text(folder / "training_args.json", json.dumps(self.arguments, indent=2, default=str))
             durable.fsync_tree(folder)
             durable.fsync_path(folder.parent)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether any process says so: under torchrun every rank must take the same decision, a save being a
+    collective step (each rank's clock alone could disagree by a step, and the ranks would wait on each other)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
