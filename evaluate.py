@@ -6,7 +6,6 @@
 
 import json
 import time
-from pathlib import Path
 from typing import Optional, Union
 
 from utils.cli import UserError, check_writable, log, run, shown
@@ -43,7 +42,7 @@ def main(
 
     Args:
         lora_weights: LoRA adapter directory (finetune.py's output_dir, or a checkpoint-N in it) or Hub id. Required.
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the run's base model (else the embedded SmolLM2-135M-Instruct).
+        base_model: {BASE_MODEL}
         data_path: .json/.jsonl file or Hub data set id to score; default: the run's data with --val_set_size and --seed reproducing its split.
         val_set_size: Score only the records finetune.py holds out with this --val_set_size (count or fraction); unset with --data_path: every record.
         seed: The split's seed (finetune.py --seed); default: the run's, else 42.
@@ -53,7 +52,7 @@ def main(
         prompt_template: A template in templates/ or a .json path; default: the run's, else alpaca.
         chat_template: How conversations are rendered, for the loss on conversation records and the answers of a chat adapter: tokenizer, alpaca_chat or another template with user/assistant keys; default: the run's, else the tokenizer's if it has one, else alpaca_chat.
         prompts_path: JSON list of instructions (strings or {instruction, input} objects) to answer; default: data/eval_prompts.json.
-        output_dir: Where evaluation.md, evaluation.json and answers.jsonl go; default: <lora_weights>/evaluation.
+        output_dir: Where evaluation.md, evaluation.json and answers.jsonl go; default: <lora_weights>/evaluation, or ./evaluations/owner--name for a Hub adapter owner/name.
         loss: Measure the held-out loss and perplexity.
         answers: Answer the prompt set with both models.
         batch_size: Records per forward pass and prompts per generate() call.
@@ -85,7 +84,7 @@ def main(
     # Every file is read before the model loads, so a typo fails in a second.
     records = scored_records(config, every_record=data_path is not None and val_set_size is None) if loss else None
     prompts = evaluation.load_prompts(prompts_path or evaluation.DEFAULT_PROMPTS) if answers else None
-    out = Path(output_dir or Path(lora_weights) / "evaluation")
+    out = evaluation.output_dir_for(lora_weights, output_dir)
     check_writable(str(out), "output_dir")
     # A chat adapter (its run rendered conversations, or these records are conversations) is scored and asked in
     # its chat template; an instruction adapter in its prompt template.
@@ -114,9 +113,10 @@ def run_config(lora_weights: str, base_model: Optional[str], data_path: Optional
                val_set_size: Optional[float], flags: dict) -> dict:
     """What to score and how: each unset flag as the adapter's run had it (its training_args.json)."""
     from utils.data import DEFAULT_DATA_NAME
-    from utils.models import choose_base_model, run_arguments
+    from utils.models import choose_base_model
+    from utils.run_record import RunRecord
 
-    trained = run_arguments(lora_weights)
+    trained = RunRecord.read(lora_weights).arguments
     if data_path is None:  # the run's own held-out records
         if val_set_size is None and not trained:
             raise UserError(f"{lora_weights} has no training_args.json to find its held-out data: pass --data_path")

@@ -22,7 +22,7 @@ def export(
     strings and its default system prompt.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct. Any architecture llama.cpp's converter knows (llama, qwen2, qwen3, gemma2, gemma3, mistral, …).
+        base_model: {BASE_MODEL} Any architecture llama.cpp's converter knows (llama, qwen2, qwen3, gemma2, gemma3, mistral, …).
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
         output_file: GGUF file to create; default ./exports/alpaca-lora-OUTTYPE.gguf (…-adapter-OUTTYPE.gguf with --adapter_only). Written atomically.
         outtype: f32 | f16 | bf16 | q8_0 (llama.cpp's converter) | q4_k_m | q5_k_m | q6_k | q4_0 (llama.cpp's quantizer). Norms stay f32.

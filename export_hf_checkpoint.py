@@ -19,7 +19,7 @@ def export(
     near one --max_shard_size shard, so a 70B exports on a machine that could never load it.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.
+        base_model: {BASE_MODEL}
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
         output_dir: Directory to create (it must not exist or be empty); written atomically.
         dtype: auto (the base's own) | float32 | float16 | bfloat16. The base is loaded unquantized in this dtype.

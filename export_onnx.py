@@ -16,7 +16,7 @@ def export(
     """Save base + adapter, merged, as a float32 ONNX graph (input_ids, attention_mask -> logits) plus tokenizer.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.
+        base_model: {BASE_MODEL}
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
         output_dir: Directory to create (it must not exist or be empty); written atomically.
         verify: Run the graph in ONNX Runtime at a new batch size and length and refuse to publish it unless its logits match PyTorch's.

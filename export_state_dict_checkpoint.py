@@ -17,7 +17,7 @@ def export(
     """Save base + adapter, merged, as Meta's consolidated.NN.pth shards with params.json.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct. A LLaMA-architecture model.
+        base_model: {BASE_MODEL} A LLaMA-architecture model.
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: export the base model alone.
         output_dir: Directory to create (it must not exist or be empty); written atomically.
         num_shards: Model-parallel ranks to split the weights over, as Meta's checkpoints are: 1 for 7B, 2 for 13B, 4 for 30B/33B, 8 for 65B/70B. Meta's code must then run with this many processes (torchrun --nproc_per_node N).

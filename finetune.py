@@ -51,7 +51,8 @@ def train(
     column_map: Union[None, str, dict] = None,
     max_steps: int = -1,
     warmup_steps: int = 100,
-    save_steps: int = 200,
+    save_steps: int = 0,
+    save_minutes: float = 10,
     logging_steps: int = 10,
     gradient_checkpointing: bool = False,
     torch_compile: bool = False,
@@ -64,7 +65,7 @@ def train(
     """Fine-tune a causal LM with LoRA on instruction data and save the adapter to output_dir.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base of the adapter resumed from, else the embedded SmolLM2-135M-Instruct.
+        base_model: {BASE_MODEL}
         data_path: .json/.jsonl file or Hub data set id (e.g. yahma/alpaca-cleaned); default: the shipped 999-record Alpaca sample.
         output_dir: Where checkpoints, the final adapter, the tokenizer and metrics.json are written.
         batch_size: Records per optimizer step (global, over all processes).
@@ -92,14 +93,15 @@ def train(
         column_map: Rename data columns, e.g. question=instruction,answer=output.
         max_steps: Stop after this many optimizer steps (overrides num_epochs when > 0).
         warmup_steps: Linear warm-up steps (at most a tenth of the run, so short runs reach the learning rate).
-        save_steps: Optimizer steps between checkpoints and validation passes.
+        save_steps: Optimizer steps between checkpoints and validation passes; 0 (default): a tenth of the run's steps. A checkpoint is also saved at the end.
+        save_minutes: Also save a checkpoint when this many minutes have passed since the last one (0: off), so an interrupted run loses minutes; continue it with --resume_from_checkpoint True.
         logging_steps: Optimizer steps between loss reports.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, about 30% slower.
         torch_compile: Compile the model with torch.compile (pays off on GPUs for long runs; slow to start on CPU).
         bf16: The frozen base computes in bf16 (LoRA weights, optimizer state and loss stay fp32); default: on for GPUs and CPUs that compute bf16 natively (AVX512-BF16, AMX), off elsewhere. False: fp32 on a CPU, fp16 with loss scaling on a GPU.
         device_map: "auto" spreads a model too large for one GPU over all visible GPUs in one process (model parallel); empty: one device per process.
         tensorboard: Also log to TensorBoard (in output_dir/runs).
-        overwrite_output_dir: Allow writing into an output_dir that holds an earlier run.
+        overwrite_output_dir: Allow writing into an output_dir that holds an earlier run; its checkpoint-N folders are deleted when training starts, so --resume_from_checkpoint True finds only this run's.
         seed: Seed for the data split, shuffling and LoRA initialisation.
     """
     arguments = dict(locals())
@@ -110,16 +112,22 @@ def train(
 
     check_values(arguments)
     plan = check_run(arguments)
+    from utils import training
+    from utils.checkpoints import CheckpointKeeper
+
     prepare_data(plan, arguments)
     # Before the model loads: the arguments start the process group and, for ZeRO-3, DeepSpeed's config, which
     # from_pretrained reads to load the weights partitioned (zero.Init) instead of whole on every process.
     args = training_arguments(plan.out, plan.device, plan.val_data is not None, plan.settings)
     model = load_lora_model(plan, arguments)
     trainer = build_trainer(model, plan.tokenizer, plan.train_data, plan.val_data, plan.out, plan.device, plan.settings,
-                            args=args)
+                            args=args, keeper=CheckpointKeeper(arguments, arguments["save_minutes"]))
     plan.out.mkdir(parents=True, exist_ok=True)
-    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
-    finish_run(trainer, result.metrics, plan, arguments)
+    if arguments["overwrite_output_dir"] and not plan.checkpoint:
+        training.clear_earlier_checkpoints(plan.out)
+    with training.disk_errors(plan.out):
+        result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+        finish_run(trainer, result.metrics, plan, arguments)
 
 
 @dataclass
@@ -150,7 +158,7 @@ class Plan:
 
 def check_run(a: dict) -> Plan:
     """Every check of the flags, the data file, the output directory and the base's config, in that order."""
-    from utils import distributed, models, training
+    from utils import distributed, durable, models, training
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     distributed.check_launcher()
@@ -168,9 +176,13 @@ def check_run(a: dict) -> Plan:
     val_size = resolve_val_set_size(a["val_set_size"], len(records))
 
     out = training.check_output_dir(a["output_dir"], bool(a["resume_from_checkpoint"]), a["overwrite_output_dir"])
+    durable.sweep(out)  # what a run killed mid-save left: garbage, whatever the checks below find
     checkpoint, warm_start = training.resolve_resume(a["resume_from_checkpoint"], out)
-    if checkpoint:
-        training.check_checkpoint_matches(checkpoint, a["lora_r"], target_modules)
+    if warm_start:
+        models.check_adapter_dir(warm_start)  # a save cut short is refused here, before its base is looked up
+    if checkpoint or warm_start:
+        lora = {flag: a[flag] for flag in ("lora_r", "lora_alpha", "lora_dropout")}
+        training.check_lora_matches(checkpoint or warm_start, lora, target_modules)
     base_model = models.choose_base_model(a["base_model"], checkpoint or warm_start)
     base_path = models.resolve_base_model(base_model)
     models.check_cutoff_len(base_path, a["cutoff_len"])
@@ -210,10 +222,11 @@ def prepare_data(plan: Plan, a: dict) -> None:
         raise UserError(f"{plan.checkpoint} is already at step {training.steps_done(plan.checkpoint)} of this run's "
                         f"{total_steps}: nothing left to train; raise --max_steps or --num_epochs to continue it")
     warmup_steps = min(a["warmup_steps"], total_steps // 10)  # at most a tenth of the run: a short run reaches the rate
+    save_steps = a["save_steps"] or training.default_save_steps(total_steps)
     plan.settings = TrainSettings(
         micro_batch_size=a["micro_batch_size"], grad_accum=plan.grad_accum,
         num_epochs=a["num_epochs"], max_steps=a["max_steps"], learning_rate=a["learning_rate"],
-        warmup_steps=warmup_steps, save_steps=a["save_steps"], logging_steps=a["logging_steps"],
+        warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=a["logging_steps"],
         group_by_length=a["group_by_length"], packing=a["packing"], gradient_checkpointing=a["gradient_checkpointing"],
         torch_compile=a["torch_compile"], bf16=a["bf16"], report_to=tuple(plan.report_to),
         run_name=a["wandb_run_name"] or None, seed=a["seed"], world_size=plan.world_size)
@@ -222,8 +235,10 @@ def prepare_data(plan: Plan, a: dict) -> None:
     a.update(
         base_model=plan.base_model, data_path=recorded_data_path(a["data_path"]), val_set_size=plan.val_size,
         train_on_inputs=train_on_inputs, chat_template=a["chat_template"] or (chat.name if chat else ""),
+        conversations=chat is not None,
         lora_target_modules=plan.target_modules, quantization=plan.quantization,
-        bf16=plan.dtype == torch.bfloat16, warmup_steps=warmup_steps,
+        bf16=plan.dtype == torch.bfloat16, warmup_steps=warmup_steps, save_steps=save_steps,
+        run_id=training.run_id(plan.checkpoint),
     )
 
 
@@ -343,9 +358,11 @@ def wrap_lora(model, quantization: str, warm_start: Optional[str], gradient_chec
     return model
 
 
-def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, settings: TrainSettings, args=None):
+def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str, settings: TrainSettings, args=None,
+                  keeper=None):
     """The Hugging Face Trainer with the original's recipe, modern precision and the loss guard; `args`: the
-    arguments already built from `settings` (finetune.py builds them before the model loads)."""
+    arguments already built from `settings` (finetune.py builds them before the model loads); `keeper`: the
+    utils.checkpoints.CheckpointKeeper of a run."""
     from transformers import Trainer
 
     from utils.distributed import memory_callback
@@ -359,7 +376,7 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=data_collator(tokenizer, settings.packing, model.config),
-        callbacks=[LossGuard(), *filter(None, [memory_callback()])],  # each rank's memory, when asked for (tests)
+        callbacks=[LossGuard(), *filter(None, [memory_callback(), keeper])],  # memory: each rank's, when asked for (tests)
     )
     # First in line, so the tokens/s it adds to a log line is printed with it.
     trainer.callback_handler.callbacks.insert(0, ProgressReport(out))
@@ -415,7 +432,7 @@ def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optiona
     """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used.
     state_dict: the adapter's weights gathered from sharded ranks (utils.distributed.gather_adapter); base_name: the
     base model as the adapter's config names it (models.base_model_name)."""
-    from utils.training import save_atomically
+    from utils.training import save_adapter
 
     # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache), in the
     # adapter's config and its model card; they name it as the user did, which models.resolve_base_model loads on
@@ -431,7 +448,7 @@ def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optiona
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
 
-    save_atomically(save, out)
+    save_adapter(save, out)
 
 
 if __name__ == "__main__":

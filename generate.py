@@ -59,7 +59,7 @@ def main(
     """Serve base model + LoRA adapter in a Gradio demo, or answer --instruction / --input_file without a server.
 
     Args:
-        base_model: Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.
+        base_model: {BASE_MODEL}
         lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: the base model alone.
         load_8bit: Load the base model in 8-bit (bitsandbytes; CUDA, or CPU slowly), as in the original.
         load_4bit: Load the base model in 4-bit NF4 (bitsandbytes): the least memory.

@@ -95,6 +95,7 @@ def test_quick_start_trains_and_answers(workdir):
     metrics = json.loads((adapter / "metrics.json").read_text())
     assert metrics["eval_loss_best"] < metrics["eval_loss_first"]  # it learned something on held-out records
     assert (workdir / "answer.txt").read_text().strip()
+    assert len(list(adapter.glob("checkpoint-*"))) > 1  # it checkpointed before its end: an interruption costs minutes
 
 
 # --- evaluate.py: exactly the records the run held out, masked as the original masks them -------------------------

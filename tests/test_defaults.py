@@ -184,3 +184,48 @@ def test_the_chat_template_the_adapter_recorded_is_the_default(tmp_path, qwen_ba
     monkeypatch.delenv("BASE_MODEL", raising=False)
     assert load_generator(lora_weights=str(adapter), device="cpu").chat.name == expected
     assert load_generator(lora_weights=str(adapter), device="cpu", chat_template="tokenizer").chat.name == "tokenizer"
+
+
+# --- an adapter's recorded run: read once, by one reader, from no module above it ------------------------------------
+
+def test_an_adapters_record_is_read_once_and_again_when_rewritten(tmp_path, monkeypatch):
+    """generate.py --backend llama.cpp read training_args.json about four times on its way to a model."""
+    import os
+
+    from utils.prompts import adapter_prompt_template
+    from utils.run_record import RunRecord
+
+    adapter = adapter_dir(tmp_path / "a", {"base_model": "", "prompt_template_name": "vigogne", "run_id": "r1"})
+    reads, real = [], Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or real(self, *a, **k))
+    assert models.choose_base_model("", str(adapter)) == "" and adapter_prompt_template("", str(adapter)) == "vigogne"
+    assert RunRecord.read(str(adapter)).get("run_id") == "r1"
+    assert sorted(reads) == ["adapter_config.json", "training_args.json"]
+    (adapter / "training_args.json").write_text(json.dumps({"prompt_template_name": "alpaca_short"}))
+    os.utime(adapter / "training_args.json", ns=(1, 1))  # a new version, even within the clock's resolution
+    assert adapter_prompt_template("", str(adapter)) == "alpaca_short"
+
+
+def test_the_utils_modules_import_each_other_without_a_cycle():
+    """utils/chat.py imported utils/data.py (which imports it) to re-read a run's data file."""
+    import ast
+
+    root = Path(models.__file__).parent
+    graph = {}
+    for file in root.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("utils"):
+                imported |= {a.name for a in node.names} if node.module == "utils" else {node.module.split(".")[1]}
+        graph[file.stem] = imported - {file.stem}
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for name in graph.get(todo.pop(), ()):
+                if name not in seen:
+                    seen.add(name)
+                    todo.append(name)
+        return seen
+
+    assert [m for m in graph if m in reachable(m)] == []

@@ -329,3 +329,19 @@ def test_the_documented_run_names_paths_as_they_were_given():
     for name in ("training_args.json", "evaluation.json", "metrics.json"):
         text = (REPO / "docs" / "real-run" / name).read_text()
         assert not re.search(r'"(/|[A-Za-z]:\\\\)', text), name
+
+
+def test_a_hub_adapters_results_do_not_shadow_its_id(tmp_path, monkeypatch, capsys):
+    """Results under ./owner/name/evaluation made every later `--lora_weights owner/name` read that folder instead."""
+    from utils.evaluation import output_dir_for
+    from utils.models import check_adapter_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert output_dir_for("owner/name", "") == Path("evaluations/owner--name")
+    assert "Results of the Hub adapter owner/name go to evaluations/owner--name" in capsys.readouterr().out
+    assert output_dir_for(str(tmp_path / "lora"), "") == tmp_path / "lora" / "evaluation"  # a local adapter: beside it
+    with pytest.raises(UserError, match="--output_dir owner/name/evaluation would create a folder named like the Hub adapter"):
+        output_dir_for("owner/name", "owner/name/evaluation")
+    (tmp_path / "owner" / "name" / "evaluation").mkdir(parents=True)  # what earlier versions left
+    with pytest.raises(UserError, match="local folder owner/name \\(no adapter_config.json\\) shadows the Hub adapter owner/name"):
+        check_adapter_dir("owner/name")

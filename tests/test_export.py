@@ -357,3 +357,34 @@ def test_help_documents_every_flag():
         doc = inspect.getdoc(export)
         for flag in inspect.signature(export).parameters:
             assert f"\n    {flag}: " in doc, f"{name}: --{flag} is undocumented"
+
+
+# --- a base saved pre-quantized -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_a_base_saved_quantized_is_dequantized_for_the_merge(tmp_path, tiny_model, adapters, bits):
+    """bitsandbytes weights in the checkpoint: the export merged nothing and kept quantization_config (8-bit), or
+    refused the adapter as "trained for another base model" (4-bit, whose packed weights have other shapes)."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from export_hf_checkpoint import export
+    from utils.models import quantization_config
+
+    quantized = tmp_path / f"base-{bits}"
+    AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(bits, torch.float32),
+                                         device_map={"": "cpu"}).save_pretrained(quantized)
+    for file in tiny_model.glob("tokenizer*"):
+        shutil.copy(file, quantized)
+    out = tmp_path / "hf"
+    export(base_model=str(quantized), lora_weights=str(adapters[tiny_model]), output_dir=str(out), dtype="float32")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ids = token_ids(tiny_model)
+    dequantized = AutoModelForCausalLM.from_pretrained(quantized).dequantize().float()
+    with torch.no_grad():
+        base = dequantized(ids).logits
+        expected = PeftModel.from_pretrained(dequantized, adapters[tiny_model]).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert max_diff(got, expected) < EXACT and max_diff(got, base) > 100 * EXACT  # the adapter is in it

@@ -1,6 +1,7 @@
 """finetune.py end to end on tiny random LLaMA models (seconds each) and once on the embedded SmolLM2."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_run_directory_contents(trained):
     assert [h["step"] for h in metrics["log_history"] if "eval_loss" in h] == [0, 4, 8, 12]  # the end is validated once
     assert all(h["tokens_per_second"] > 0 for h in metrics["log_history"][1:] if "loss" in h)
     assert (trained / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(trained.glob(".saving-*"))  # nothing half-written left behind
+    assert not list(trained.glob(".partial-*")) and not list(trained.glob(".saving-*"))  # nothing half-written left
 
 
 def test_resume_continues_from_the_saved_step(tiny_model, alpaca_file, tmp_path, capsys):
@@ -103,7 +104,8 @@ def test_resume_continues_from_the_saved_step(tiny_model, alpaca_file, tmp_path,
 
 
 def test_adapter_dir_warm_starts_a_new_run(trained, tiny_model, alpaca_file, tmp_path, capsys):
-    out = run_train(tiny_model, alpaca_file, tmp_path / "warm", max_steps=1, val_set_size=0, resume_from_checkpoint=str(trained))
+    out = run_train(tiny_model, alpaca_file, tmp_path / "warm", max_steps=1, val_set_size=0, resume_from_checkpoint=str(trained),
+                    lora_target_modules=LEARNING["lora_target_modules"])  # the adapter's own: other ones are refused
     assert "starting a NEW run" in capsys.readouterr().out
     assert logged(out / "checkpoint-1", "loss")[0][0] == 1
 
@@ -117,7 +119,8 @@ def test_base_model_comes_from_the_environment_then_the_adapter_resumed_from(tra
     assert json.loads((out / "training_args.json").read_text())["base_model"] == str(tiny_gqa_model)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_gqa_model)
     monkeypatch.delenv("BASE_MODEL")
-    out = run_train("", alpaca_file, tmp_path / "warm", max_steps=1, val_set_size=0, resume_from_checkpoint=str(trained))
+    out = run_train("", alpaca_file, tmp_path / "warm", max_steps=1, val_set_size=0, resume_from_checkpoint=str(trained),
+                    lora_target_modules=LEARNING["lora_target_modules"])
     assert json.loads((out / "training_args.json").read_text())["base_model"] == str(tiny_model)
 
 
@@ -406,7 +409,11 @@ def test_help_lists_every_flag_with_its_default_and_docstring_line():
 
     out = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO, capture_output=True, text=True).stdout
     rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^  --(\w+) \S+(?: \(default: (.*)\))?\n      (.*)$", out, re.M)}
+    from utils.cli import SHARED_HELP
+
     doc = inspect.getdoc(finetune.train)
+    for key, text in SHARED_HELP.items():  # help several scripts share, written once
+        doc = doc.replace(f"{{{key}}}", text)
     for name, param in inspect.signature(finetune.train).parameters.items():
         assert name in rows, f"--{name} is missing from finetune.py --help"
         default, meaning = rows[name]
@@ -451,3 +458,84 @@ def test_missing_logger_package_is_one_line(monkeypatch, flags, package):
     args = dict(wandb_project="", wandb_watch="", wandb_log_model="", tensorboard=False) | flags
     with pytest.raises(UserError, match=f"needs the {package} package: pip install {package}"):
         finetune.reporting(**args)
+
+
+def no_model_load(monkeypatch):
+    import utils.models
+
+    monkeypatch.setattr(utils.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def test_an_adapter_cut_short_is_one_line_without_a_base(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """What a save cut by kill -9 or a full disk used to leave: weights that are no tensor file, no adapter_config.json.
+    With no --base_model and no $BASE_MODEL the base was looked up in that missing config (a FileNotFoundError)."""
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    no_model_load(monkeypatch)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="cut has no adapter_config.json: not a PEFT adapter directory"):
+        run_train("", alpaca_file, tmp_path / "out", resume_from_checkpoint=str(cut))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(lora_alpha=32), "was trained with --lora_alpha 16, not 32: pass --lora_alpha 16 to continue it"),
+    (dict(lora_dropout=0.1), "was trained with --lora_dropout 0.05, not 0.1"),
+    (dict(lora_target_modules="q_proj,v_proj"), "targets ['k_proj', 'o_proj', 'q_proj', 'v_proj'], not ['q_proj', 'v_proj']"),
+])
+@pytest.mark.parametrize("what", ["checkpoint-12", "adapter"])
+def test_resume_and_warm_start_refuse_other_lora_settings(trained, tiny_model, alpaca_file, tmp_path, monkeypatch, flags,
+                                                          message, what):
+    """Alpha would rescale the trained weights mid-run; the run would record settings that did not apply."""
+    no_model_load(monkeypatch)
+    source = trained / what if what != "adapter" else trained
+    args = dict(LEARNING, max_steps=16, resume_from_checkpoint=str(source)) | flags
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_train(tiny_model, alpaca_file, tmp_path / "x", **args)
+
+
+def test_resume_skips_incomplete_checkpoints_and_says_which(trained, tiny_model, alpaca_file, tmp_path, monkeypatch, capsys):
+    """A full disk cut trainer_state.json short: the checkpoint is not whole, and the one before it is taken."""
+    import shutil
+
+    no_model_load(monkeypatch)
+    out = tmp_path / "out"
+    for step in (8, 12):
+        shutil.copytree(trained / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    state = out / "checkpoint-12" / "trainer_state.json"
+    state.write_text(state.read_text()[:100])
+    with pytest.raises(BaseException, match="the model was loaded"):
+        run_train(tiny_model, alpaca_file, out, **dict(LEARNING, max_steps=16), resume_from_checkpoint=True)
+    printed = capsys.readouterr().out
+    assert "Skipping checkpoint-12, incomplete (interrupted while saving): trainer_state.json is not valid JSON" in printed
+    assert f"Resuming the full training state from {out / 'checkpoint-8'}" in printed
+    with pytest.raises(UserError, match=re.escape(f"is incomplete (interrupted while saving): trainer_state.json is not "
+                                                  f"valid JSON (cut short); resume from {out / 'checkpoint-8'}")):
+        run_train(tiny_model, alpaca_file, out, **dict(LEARNING, max_steps=16), resume_from_checkpoint=str(out / "checkpoint-12"))
+
+
+def test_overwrite_deletes_the_earlier_runs_checkpoints(trained, tiny_model, alpaca_file, tmp_path, capsys):
+    """--overwrite_output_dir (the README's quick start passes it on every run): a later --resume_from_checkpoint True
+    must not find the earlier run's higher-numbered checkpoint."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained / "checkpoint-12", out / "checkpoint-12")
+    run_train(tiny_model, alpaca_file, out, max_steps=2, val_set_size=0, save_steps=1, overwrite_output_dir=True)
+    assert "--overwrite_output_dir: deleted the earlier run's checkpoint-12 from" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    run_id = json.loads((out / "training_args.json").read_text())["run_id"]
+    assert json.loads((out / "checkpoint-2" / "training_args.json").read_text())["run_id"] == run_id  # whose it is
+
+
+def test_the_default_run_checkpoints_every_tenth_of_its_steps(tiny_model, alpaca_file, tmp_path):
+    """No --save_steps: a checkpoint every tenth of the run (here 2 of 20 steps), the last three kept."""
+    args = {k: v for k, v in QUICK.items() if k != "save_steps"} | dict(max_steps=20, val_set_size=0)
+    finetune.train(**args, base_model=str(tiny_model), data_path=str(alpaca_file), output_dir=str(tmp_path / "o"))
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-18", "checkpoint-20"]
+    assert json.loads((tmp_path / "o" / "training_args.json").read_text())["save_steps"] == 2  # the value it used
+
+
+def test_save_minutes_saves_between_save_steps(tiny_model, alpaca_file, tmp_path):
+    out = run_train(tiny_model, alpaca_file, tmp_path / "o", max_steps=3, val_set_size=0, save_steps=100, save_minutes=1e-9)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]

@@ -6,11 +6,11 @@ that list as the exact text the model sees: for training, together with the char
 Training data, the demo's chat tab and the OpenAI-compatible API all go through the same functions here.
 """
 
-from pathlib import Path
 from typing import Optional
 
 from utils.cli import UserError
 from utils.prompts import Prompter, adapter_prompt_template, read_template
+from utils.run_record import RunRecord
 
 DEFAULT_CHAT_TEMPLATE = "alpaca_chat"  # for tokenizers that bring no chat template of their own
 # Record shapes: the key holding the turns -> (the role key, the text key, accepted role names -> our roles).
@@ -199,30 +199,13 @@ def trained_chat_template(chat_template: str, lora_weights: Optional[str], token
     its prompt template (`prompter`, default: the adapter's) continued turn by turn, so that a conversation's first
     exchange is the very prompt it was trained on, with no system prompt of the tokenizer's; with no adapter, or one
     trained on conversations with finetune.py's default, load_chat_template's default."""
-    from utils.models import run_arguments
-
     if chat_template or not lora_weights:
         return load_chat_template(chat_template, tokenizer)
-    run = run_arguments(lora_weights)
-    if run.get("chat_template") or trained_on_conversations(run):
+    run = RunRecord.read(lora_weights)
+    if run.conversations:
         return load_chat_template(run.get("chat_template") or "", tokenizer)
     prompter = prompter or Prompter(adapter_prompt_template("", lora_weights))
     return InstructionChatTemplate(prompter, tokenizer.eos_token)
-
-
-def trained_on_conversations(run: dict) -> bool:
-    """Whether a run's data (a local file) held conversations; a Hub data set, not at hand, counts as instructions."""
-    from utils.data import parse_column_map, read_json_records, rename
-
-    path = Path(str(run.get("data_path") or "")).expanduser()
-    if path.suffix not in (".json", ".jsonl") or not path.is_file():
-        return False
-    try:
-        records = read_json_records(path)
-        column_map = parse_column_map(run.get("column_map"))
-    except UserError:  # the file has changed since it was trained on: no worse than not knowing
-        return False
-    return isinstance(records, list) and bool(records) and record_shape(rename(records[0], column_map)) is not None
 
 
 def load_chat_template(name: str, tokenizer) -> ChatTemplate:

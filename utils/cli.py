@@ -183,9 +183,19 @@ def type_name(annotation) -> str:
     return "|".join(dict.fromkeys(names.get(o, "TEXT") for o in options))
 
 
+# Help that several scripts share, written once: a docstring says {NAME}. BASE_MODEL is utils.models.choose_base_model's
+# rule (not imported from there: --help loads nothing).
+SHARED_HELP = {
+    "BASE_MODEL": "Hub id, local HF directory or .gguf file; default: $BASE_MODEL, else the base the adapter was trained "
+                  "on (its training_args.json or adapter_config.json), else the embedded SmolLM2-135M-Instruct.",
+}
+
+
 def flag_help(entry: Callable) -> dict:
-    """name -> help line, from the Args section of the entry's docstring."""
+    """name -> help line, from the Args section of the entry's docstring (with SHARED_HELP filled in)."""
     doc = inspect.getdoc(entry) or ""
+    for name, text in SHARED_HELP.items():
+        doc = doc.replace(f"{{{name}}}", text)
     return dict(re.findall(r"^\s{4}(\w+): (.*)$", doc.split("Args:", 1)[-1], re.M))
 
 

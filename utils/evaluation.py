@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from utils.cli import UserError
+from utils.cli import UserError, log
 from utils.data import IGNORE_INDEX, load_records, resolve_val_set_size, split_records, tokenize_records
 from utils.generation import Generator, Settings
 
@@ -138,17 +138,36 @@ def losses_table(losses: dict) -> str:
     ])
 
 
+def output_dir_for(lora_weights: str, output_dir: str) -> Path:
+    """Where the results go: --output_dir, else <adapter>/evaluation, and for a Hub adapter ./evaluations/owner--name
+    (said in a line): a folder at ./owner/name would shadow the id for every later run (Hub ids hold no "--")."""
+    from utils.models import hub_id
+
+    hub = hub_id(lora_weights) and not Path(lora_weights).exists()
+    out = Path(output_dir or (Path("evaluations") / lora_weights.replace("/", "--") if hub else Path(lora_weights) / "evaluation"))
+    if hub and out.absolute().is_relative_to(Path(lora_weights).absolute()):
+        raise UserError(f"--output_dir {output_dir} would create a folder named like the Hub adapter {lora_weights}, "
+                        "which would then shadow it: choose another --output_dir")
+    if hub and not output_dir:
+        log(f"Results of the Hub adapter {lora_weights} go to {out}")
+    return out
+
+
 def write_report(out: Path, losses: Optional[dict], answers: Optional[list[dict]], settings: dict) -> list[Path]:
-    """evaluation.json (figures and settings), answers.jsonl, evaluation.md (both tables); returns the paths."""
+    """evaluation.json (figures and settings), answers.jsonl, evaluation.md (both tables), each written durably;
+    returns the paths."""
+    from utils import durable
+
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "evaluation.json"]
-    written[0].write_text(json.dumps({"settings": settings, "held_out": losses}, indent=2) + "\n")
+    durable.sweep(out)  # what an evaluation killed while writing left
+    written = {out / "evaluation.json": json.dumps({"settings": settings, "held_out": losses}, indent=2) + "\n"}
     markdown = ["# Base model vs base + adapter", ""]
     if losses:
         markdown += ["## Held-out loss", "", losses_table(losses)]
     if answers is not None:
-        (out / "answers.jsonl").write_text("".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers))
-        written.append(out / "answers.jsonl")
+        written[out / "answers.jsonl"] = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
         markdown += ["## Answers", "", answers_table(answers)]
-    (out / "evaluation.md").write_text("\n".join(markdown))
-    return written + [out / "evaluation.md"]
+    written[out / "evaluation.md"] = "\n".join(markdown)
+    for path, text in written.items():
+        durable.write_text(path, text)
+    return list(written)

@@ -4,6 +4,7 @@ The format writers live beside this module: utils/export_meta.py (Meta's consoli
 (llama.cpp) and utils/export_onnx.py (ONNX Runtime).
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from typing import ContextManager, Iterator, Optional
 
 import torch
 
+from utils import durable
 from utils.checks import DTYPE_ALIASES, check_value
 from utils.cli import UserError, log
 
@@ -57,41 +59,24 @@ def atomic_output_file(output_file: str, overwrite: bool = False) -> ContextMana
 
 @contextmanager
 def staged(target: Path, flag: str, directory: bool) -> Iterator[Path]:
-    """A temporary directory or file beside target, moved into place when the block finishes. On any error (or
-    Ctrl-C) it is removed, with the parent directories this call created: a failed export never leaves a
+    """A temporary directory or file beside target (utils.durable), moved into place when the block finishes. On any
+    error (or Ctrl-C) it is removed, with the parent directories this call created: a failed export never leaves a
     half-written model where a runtime could pick it up. `flag`: the flag and value, for the error."""
     created = missing_parents(target)
-    prefix = f".{target.name}.tmp-"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if directory:
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
-        else:
-            handle, name = tempfile.mkstemp(dir=target.parent, prefix=prefix)
-            os.close(handle)
-            tmp = Path(name)
+        durable.sweep(target.parent, target.name)  # what an export killed before this one left
+        tempfile.TemporaryFile(dir=target.parent).close()  # writable? (an unnamed file: nothing to clean up)
     except OSError as err:
         remove_empty(created)
         raise UserError(f"{flag} is not writable ({err.strerror})") from None
     try:
-        yield tmp
-        make_readable(tmp)
-        publish(tmp, target)
+        with (durable.durable_dir if directory else durable.durable_file)(target) as tmp:
+            yield tmp
+            durable.make_readable(tmp)
     except BaseException:
-        if directory:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
         remove_empty(created)
         raise
-
-
-def make_readable(tmp: Path) -> None:
-    """mkdtemp, mkstemp (and safetensors) create private files; an export is for others to read, as the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def missing_parents(path: Path) -> list[Path]:
@@ -105,19 +90,6 @@ def remove_empty(dirs: list[Path]) -> None:
             path.rmdir()
         except OSError:
             break
-
-
-def publish(tmp: Path, target: Path) -> None:
-    """Move the finished export into place; an old export (--overwrite_output_dir) is deleted only afterwards."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if tmp.is_dir() and target.exists():
-        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)  # atomic on one filesystem; an old file is replaced only now
 
 
 def rope_parameters(config) -> dict:
@@ -143,7 +115,7 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def check_inputs(base_model: str, lora_weights: Optional[str]):
     """(the base model's name, its path, adapter or None, base config) for an export, every mistake found before
-    weights load. The base is models.choose_base_model's: --base_model, $BASE_MODEL, then the adapter's own."""
+    weights load. The base is models.choose_base_model's."""
     from transformers import AutoConfig
 
     from utils.models import check_adapter_dir, check_adapter_fits, choose_base_model, resolve_base_model
@@ -155,6 +127,7 @@ def check_inputs(base_model: str, lora_weights: Optional[str]):
         log("No --lora_weights given: exporting the base model alone")
     base_model = choose_base_model(base_model, adapter)
     base_path = resolve_base_model(base_model)
+    check_quantization(base_model, base_path)
     try:
         config = AutoConfig.from_pretrained(base_path)
     except OSError as err:
@@ -162,6 +135,20 @@ def check_inputs(base_model: str, lora_weights: Optional[str]):
     if adapter:
         check_adapter_fits(base_path, adapter)
     return base_model, base_path, adapter, config
+
+
+def check_quantization(base_model: str, base_path: str) -> None:
+    """A base saved pre-quantized is merged into after dequantizing it (bitsandbytes: transformers' dequantize());
+    other methods' packed weights cannot be, and are refused: the adapter's delta would be lost or misapplied."""
+    from utils.models import saved_quantization
+
+    method = saved_quantization(base_path)
+    if method and not method.startswith("bitsandbytes"):
+        raise UserError(f"base model {base_model} is saved quantized ({method}): its packed weights cannot be "
+                        "dequantized here to merge an adapter into; pass the unquantized base as --base_model")
+    if method and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"base model {base_model} is saved in {method}: dequantizing it for the merge needs "
+                        "bitsandbytes (pip install bitsandbytes), or pass the unquantized base as --base_model")
 
 
 def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype):
@@ -173,6 +160,9 @@ def load_merged(base_path: str, lora_weights: Optional[str], dtype: torch.dtype)
     from utils.models import load_model
 
     model = load_model(base_path, "none", "cpu", dtype=dtype)
+    if getattr(model, "is_quantized", False):  # saved pre-quantized (check_quantization): integer weights
+        model = model.dequantize().to(dtype)  # also drops config.quantization_config: the export is plain
+        log(f"The base was saved quantized: dequantized to {dtype_name(dtype)} for the merge; the export is not quantized")
     if lora_weights:
         if tied_embeddings(model) and adapter_touches_embeddings(model, lora_weights):
             untie_embeddings(model)

@@ -9,7 +9,6 @@ the converter matching the installed runtime never writes something that runtime
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
+from utils import durable
 from utils.cli import UserError, log
 
 INSTALL = "pip install llama-cpp-python==0.3.36"  # the tested version (requirements-dev.txt); builds llama.cpp
@@ -108,23 +108,19 @@ def download_sdist(release: str, folder: Path) -> Path:
 def extract_converter(sdist: Path, target: Path) -> None:
     """Only the converters' files, written beside target and renamed into place when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    with tarfile.open(sdist) as tar:
-        members = []
-        for member in tar.getmembers():
-            path = member.name.split("/vendor/llama.cpp/", 1)[-1]
-            if "/vendor/llama.cpp/" in member.name and path.startswith(CONVERTER_FILES) and "/vendor/" not in path:
-                member.name = path
-                members.append(member)
-        tar.extractall(tmp, members, filter="data")
-    if not (tmp / "convert_hf_to_gguf.py").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{sdist.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py: this llama-cpp-python "
-                        f"is laid out differently; `{INSTALL}` is the tested version")
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process extracted it first: theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
+    durable.sweep(target.parent, target.name)
+    with durable.durable_dir(target, keep_existing=True) as tmp:  # another process extracted it first: theirs is as good
+        with tarfile.open(sdist) as tar:
+            members = []
+            for member in tar.getmembers():
+                path = member.name.split("/vendor/llama.cpp/", 1)[-1]
+                if "/vendor/llama.cpp/" in member.name and path.startswith(CONVERTER_FILES) and "/vendor/" not in path:
+                    member.name = path
+                    members.append(member)
+            tar.extractall(tmp, members, filter="data")
+        if not (tmp / "convert_hf_to_gguf.py").is_file():
+            raise UserError(f"{sdist.name} holds no vendor/llama.cpp/convert_hf_to_gguf.py: this llama-cpp-python "
+                            f"is laid out differently; `{INSTALL}` is the tested version")
 
 
 def run_converter(script: str, args: list[str], pre_tokenizer: str = "") -> None:

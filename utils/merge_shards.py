@@ -85,15 +85,17 @@ def merged_tensor(tensor: torch.Tensor, name: str, dtype: torch.dtype, lora: dic
 
 def merge_by_shards(base: Path, lora_weights: Optional[str], dtype: torch.dtype, out: Path, max_shard_size) -> bool:
     """Write base + adapter, merged, into `out` as safetensors shards with the config; False (nothing written)
-    where this base or adapter needs the whole-model path (no local safetensors, adapter features beyond LoRA on
-    linear weights, weights the checkpoint names otherwise)."""
+    where this base or adapter needs the whole-model path (no local safetensors, a base saved quantized, adapter
+    features beyond LoRA on linear weights, weights the checkpoint names otherwise)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers.utils.hub import convert_file_size_to_int
 
+    from utils.models import saved_quantization
+
     files = base_files(base)
     source = lora_deltas_source(lora_weights) if lora_weights else ({}, 1.0)
-    if not files or source is None:
+    if not files or source is None or saved_quantization(str(base)):  # packed integer weights: dequantize first
         return False
     lora, scale = source
     shards = plan(files, dtype, convert_file_size_to_int(max_shard_size))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from utils import durable
 from utils.cli import UserError, is_main_process
 
 
@@ -61,13 +62,11 @@ def plot_loss_curve(log_history: list[dict], path: Path, title: str = "") -> Non
 
 
 def write_reports(log_history: list[dict], final: dict, output_dir: Path, title: str = "") -> None:
-    """metrics.json and loss_curve.png, each replaced atomically."""
+    """metrics.json and loss_curve.png, each replaced durably (utils.durable)."""
     output_dir = Path(output_dir)
-    tmp = output_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(summarize(log_history, final), indent=2))
-    tmp.replace(output_dir / "metrics.json")
-    plot_loss_curve(log_history, output_dir / ".loss_curve.tmp.png", title)
-    (output_dir / ".loss_curve.tmp.png").replace(output_dir / "loss_curve.png")
+    durable.write_text(output_dir / "metrics.json", json.dumps(summarize(log_history, final), indent=2))
+    with durable.durable_file(output_dir / "loss_curve.png") as tmp:
+        plot_loss_curve(log_history, tmp, title)
 
 
 class ProgressReport(TrainerCallback):

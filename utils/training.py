@@ -1,10 +1,11 @@
 """Training plumbing around the Hugging Face Trainer: run directories, resuming, saving, guards."""
 
+import contextlib
+import errno
 import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -65,16 +66,66 @@ def steps_done(checkpoint: str) -> int:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """The Trainer writes trainer_state.json last, so a checkpoint without it was interrupted mid-save."""
-    weights = any((path / f).is_file() for f in ADAPTER_FILES) or (path / FSDP_WEIGHTS).is_dir()
-    return (path / "trainer_state.json").is_file() and weights
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why a Trainer checkpoint cannot be resumed (what a kill or a full disk mid-save leaves), None when every
+    file it needs is there and parses: its state, its weights and config, the optimizer's and scheduler's files."""
+    from utils.durable import TEMP_PREFIX
+
+    if not (path / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    if not (any((path / f).is_file() for f in ADAPTER_FILES) or (path / FSDP_WEIGHTS).is_dir()):
+        return "no adapter weights"
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX)):
+        problem = file_problem(file)
+        if problem:
+            return f"{file.relative_to(path)} {problem}"
+    return None
+
+
+def file_problem(file: Path) -> Optional[str]:
+    """Why a checkpoint file does not parse (None when it does): JSON, safetensors' header, torch's zip archive."""
+    import zipfile
+
+    try:
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        elif file.suffix == ".safetensors":
+            return safetensors_problem(file)
+        elif file.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(file):
+            return "is truncated (not a complete torch archive)"
+    except (ValueError, UnicodeDecodeError):
+        return "is not valid JSON (cut short)"
+    return None
+
+
+def safetensors_problem(file: Path) -> Optional[str]:
+    """A safetensors file is an 8-byte header length, a JSON header, then the data its offsets span: all there?"""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        try:
+            header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        return "is not a safetensors file (cut short or overwritten)"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return None if size >= 8 + length + end else "is truncated"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The highest-numbered complete checkpoint; the incomplete ones above it are named, with what is taken instead."""
     checkpoints = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    complete = [p for p in checkpoints if is_complete_checkpoint(p)]
-    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    for path in sorted(checkpoints, key=checkpoint_step, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log(f"Skipping {path.name}, incomplete (interrupted while saving): {problem}")
+    return None
 
 
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool) -> Path:
@@ -105,41 +156,88 @@ def resolve_resume(resume_from_checkpoint: Union[None, bool, str], output_dir: P
     path = Path(resume_from_checkpoint).expanduser()
     if not path.is_dir():
         raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint} not found")
-    if is_complete_checkpoint(path):
+    problem = checkpoint_problem(path)
+    if problem is None:
         log(f"Resuming the full training state (optimizer, scheduler, step, RNG) from {path}")
         return str(path), None
     if (path / "trainer_state.json").is_file() or path.name.startswith(CHECKPOINT_PREFIX):
-        raise UserError(f"checkpoint {path} is incomplete (interrupted while saving); resume from an earlier one")
+        earlier = latest_checkpoint(path.parent) if path.name.startswith(CHECKPOINT_PREFIX) else None
+        raise UserError(f"checkpoint {path} is incomplete (interrupted while saving): {problem}; resume from "
+                        + (f"{earlier}, the latest complete one" if earlier else "an earlier one"))
     if any((path / f).is_file() for f in ADAPTER_FILES):
         log(f"{path} is an adapter, not a Trainer checkpoint: starting a NEW run (step 0, fresh optimizer) from its weights")
         return None, str(path)
     raise UserError(f"--resume_from_checkpoint {path} holds neither a Trainer checkpoint nor an adapter")
 
 
-def check_checkpoint_matches(checkpoint: str, lora_r: int, target_modules: list[str]) -> None:
-    """A checkpoint trained with other LoRA shapes cannot resume; say which flag differs."""
-    if not (Path(checkpoint) / "adapter_config.json").is_file():
+def check_lora_matches(adapter: str, lora: dict, target_modules: list[str]) -> None:
+    """Resuming or warm-starting continues the adapter's own LoRA layers: a differing --lora_r, --lora_alpha (which
+    would rescale the trained weights), --lora_dropout or --lora_target_modules is refused, naming the value to pass.
+    `lora`: lora_r, lora_alpha, lora_dropout as given."""
+    from utils.run_record import RunRecord
+
+    config = RunRecord.read(adapter).adapter_config
+    if not config:
         return  # an FSDP checkpoint: sharded weights, no adapter config to compare with
-    config = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
-    if config.get("r") != lora_r:
-        raise UserError(f"checkpoint {checkpoint} was trained with --lora_r {config.get('r')}, not {lora_r}")
-    trained = sorted(config.get("target_modules") or [])
-    if target_modules != ["all-linear"] and trained != sorted(target_modules):
-        raise UserError(f"checkpoint {checkpoint} targets {trained}, not {sorted(target_modules)}: "
-                        "pass the same --lora_target_modules")
+    trained = dict(lora_r=config.get("r"), lora_alpha=config.get("lora_alpha"), lora_dropout=config.get("lora_dropout"))
+    for flag, value in lora.items():
+        if trained[flag] is not None and not math.isclose(float(trained[flag]), float(value)):
+            raise UserError(f"{adapter} was trained with --{flag} {trained[flag]}, not {value}: pass --{flag} "
+                            f"{trained[flag]} to continue it (or train a new adapter without --resume_from_checkpoint)")
+    modules = sorted(config.get("target_modules") or [])
+    if target_modules != ["all-linear"] and modules != sorted(target_modules):
+        raise UserError(f"{adapter} targets {modules}, not {sorted(target_modules)}: "
+                        f"pass --lora_target_modules {','.join(modules)} to continue it")
 
 
-def save_atomically(save, output_dir: Path) -> None:
-    """Write with `save(tmpdir)`, then move each file into output_dir: an interruption never leaves a
-    half-written adapter in place of a good one."""
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=".saving-"))
+def clear_earlier_checkpoints(output_dir: Path) -> None:
+    """--overwrite_output_dir: the earlier run's checkpoint-N folders are deleted before this run saves its own, so
+    --resume_from_checkpoint True can only find this run's."""
+    earlier = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), key=lambda p: p.name)
+    for path in earlier:
+        shutil.rmtree(path)
+    if earlier:
+        log(f"--overwrite_output_dir: deleted the earlier run's {', '.join(p.name for p in earlier)} from {output_dir}")
+
+
+def run_id(checkpoint: Optional[str]) -> str:
+    """A resumed run keeps the id its checkpoint recorded (utils.checkpoints.CheckpointKeeper); a new run gets one."""
+    import uuid
+
+    from utils.run_record import RunRecord
+
+    return RunRecord.read(checkpoint).get("run_id") or uuid.uuid4().hex[:12]
+
+
+@contextlib.contextmanager
+def disk_errors(output_dir: Path):
+    """A write the disk refuses (full, over quota, over the file size limit) while training or saving is one line:
+    the durable writes left what was saved before intact, so the run can continue once there is room."""
     try:
-        save(tmp)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".json"):  # weights first, config last
-            os.chmod(item, 0o644)  # mkdtemp's private mode must not leak onto the published files
-            os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield
+    except (OSError, RuntimeError) as err:
+        refused = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        # torch.save reports a failed write as a RuntimeError from its zip writer, with no errno
+        refused = refused or isinstance(err, RuntimeError) and "inline_container" in str(err)
+        if not refused:
+            raise
+        why = err.strerror if isinstance(err, OSError) else "a write failed"
+        raise UserError(f"the disk is full or refused a write ({why}) while saving in {output_dir}: what was saved "
+                        "before is intact; free some space, then continue with --resume_from_checkpoint True") from None
+
+
+def default_save_steps(total_steps: int) -> int:
+    """Checkpoints every tenth of the run (and at its end): an interruption costs a tenth of it, not all of it."""
+    return max(1, math.ceil(total_steps / 10))
+
+
+def save_adapter(save, output_dir: Path) -> None:
+    """Write with `save(staging_dir)`, then publish the files into output_dir durably, adapter_config.json last:
+    a reader finds the old adapter whole, none, or the new one whole (utils.durable.publish_files)."""
+    from utils import durable
+
+    with durable.durable_files(output_dir, last="adapter_config.json") as staging:
+        save(staging)
 
 
 def data_collator(tokenizer, packing: bool, model_config):
