@@ -39,7 +39,8 @@ def files(tiny_model, tiny_gqa_model, tmp_path_factory):
     (root / "earlier-run").mkdir()
     (root / "earlier-run" / "adapter_model.safetensors").write_text("an earlier run")
     make_adapter(tiny_model, root / "adapter")
-    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter")
+    make_adapter(tiny_model, root / "dora", use_dora=True)
+    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter", dora=root / "dora")
 
 
 def case(script, args, message, env=None):
@@ -77,6 +78,14 @@ MISTAKES = [
     case("finetune.py", ["--save_steps", "0"], "--save_steps must be at least 1"),
     case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--cutoff_len", "4096"],
          "--cutoff_len 4096 is longer than the model's 512-token context"),
+    case("finetune.py", ["--init_lora_weights", "svd"], "--init_lora_weights must be one of default, gaussian, pissa, olora"),
+    case("finetune.py", ["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be above 0, not 0"),
+    case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--init_lora_weights", "pissa",
+                         "--quantization", "8bit"], "--init_lora_weights pissa decomposes the full-precision weights"),
+    case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--init_lora_weights", "olora",
+                         "--use_dora"], "--init_lora_weights olora with --use_dora cannot be converted"),
+    case("finetune.py", ["--data_path", "{root}/good.json", "--use_rslora", "--resume_from_checkpoint", "{adapter}"],
+         "--use_rslora shape a new adapter; .* brings its own method"),
     case("generate.py", ["--temperature", "-1"], "--temperature must be at least 0, not -1"),
     case("generate.py", ["--top_p", "1.5"], "--top_p must be above 0 and at most 1"),
     case("generate.py", ["--server_port", "70000"], "--server_port must be a port number from 1 to 65535"),
@@ -122,6 +131,9 @@ MISTAKES = [
     case("generate.py", ["--base_model", "{adapter}"], "adapter is a LoRA adapter, not a base model: pass it as --lora_weights"),
     case("export_hf_checkpoint.py", ["--base_model", "{gqa}", "--lora_weights", "{adapter}"], "was trained for another base model"),
     case("export_gguf.py", ["--base_model", "meta-llama/Llama-2-7b-hf"], "is not in the local Hugging Face cache", NO_NETWORK),
+    case("export_gguf.py", ["--base_model", "{tiny}", "--lora_weights", "{dora}", "--adapter_only"],
+         "is a DoRA adapter: llama.cpp cannot apply"),
+    case("generate.py", ["--backend", "llama.cpp", "--lora_weights", "{dora}"], "is a DoRA adapter: llama.cpp cannot apply"),
 ]
 
 

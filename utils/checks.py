@@ -57,6 +57,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "device_map": one_of("", "auto", "balanced", "balanced_low_0", "sequential"),
     "wandb_watch": one_of("", "false", "gradients", "parameters", "all"),
     "wandb_log_model": one_of("", "false", "true", "end", "checkpoint"),
+    "init_lora_weights": one_of("default", "gaussian", "pissa", "olora"),  # utils.methods.INITS
+    "loraplus_lr_ratio": above(0),
     # generation: generate.py, evaluate.py, the demo's sliders and the API
     "temperature": at_least(0),
     "top_p": ((lambda v: _number(v) and 0 < v <= 1), "above 0 and at most 1"),
