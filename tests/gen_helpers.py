@@ -22,7 +22,7 @@ def make_adapter(base: Path, folder: Path, seed: int = 0, std: float = 0.5, **me
 
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)  # before PEFT draws lora_A: the same adapter whatever ran before (tests' order)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **method)
+    config = LoraConfig(**dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") | method)
     model = get_peft_model(model, config)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would make the adapter a no-op
         for name, param in model.named_parameters():

@@ -16,7 +16,7 @@ from tiny import REPO
 
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
            "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py",
-           "benchmarks/bench_serving.py", "benchmarks/bench_start.py"]
+           "benchmarks/bench_serving.py", "benchmarks/bench_start.py", "benchmarks/bench_methods.py", "merge_adapters.py"]
 # What loading a model (every model class builds on transformers.modeling_utils) or adapting one imports. A mistake
 # is answered before any of it: loading is the work that takes seconds to minutes, and these imports alone take seconds.
 MODEL_CODE = {"transformers.modeling_utils", "peft"}
@@ -40,7 +40,11 @@ def files(tiny_model, tiny_gqa_model, tmp_path_factory):
     (root / "earlier-run" / "adapter_model.safetensors").write_text("an earlier run")
     make_adapter(tiny_model, root / "adapter")
     make_adapter(tiny_model, root / "dora", use_dora=True)
-    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter", dora=root / "dora")
+    make_adapter(tiny_model, root / "r8", r=8)
+    make_adapter(tiny_model, root / "qk", target_modules=["q_proj", "k_proj"])
+    make_adapter(tiny_gqa_model, root / "gqa-adapter")
+    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter", dora=root / "dora",
+                r8=root / "r8", qk=root / "qk", gqa_adapter=root / "gqa-adapter")
 
 
 def case(script, args, message, env=None):
@@ -134,6 +138,16 @@ MISTAKES = [
     case("export_gguf.py", ["--base_model", "{tiny}", "--lora_weights", "{dora}", "--adapter_only"],
          "is a DoRA adapter: llama.cpp cannot apply"),
     case("generate.py", ["--backend", "llama.cpp", "--lora_weights", "{dora}"], "is a DoRA adapter: llama.cpp cannot apply"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter}"], "needs at least two adapter directories"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--combination_type", "mean"],
+         "unknown --combination_type 'mean': choose cat, svd, linear"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{gqa_adapter}"], "were trained on different base models"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{qk}"], "adapt different layers"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--combination_type", "ties"],
+         "has rank 4 and .* rank 8: --combination_type ties needs equal ranks; use cat or svd"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{dora}"], "is a DoRA adapter: only LoRA adapters"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--weights", "1,2,3"], "--weights has 3 value"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--density", "0"], "--density must be above 0"),
 ]
 
 
@@ -165,7 +179,8 @@ def run_script(script, args, env=None, cwd=REPO):
 OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "export_hf_checkpoint.py": "--output_dir",
                "export_state_dict_checkpoint.py": "--output_dir", "export_onnx.py": "--output_dir",
                "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output",
-               "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output"}
+               "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output",
+               "merge_adapters.py": "--output_dir"}
 
 
 @pytest.mark.parametrize("script, args, message, env", MISTAKES)

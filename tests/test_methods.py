@@ -132,3 +132,58 @@ def test_unconverted_checkpoint_and_another_method_are_refused(runs, tiny_model,
     shutil.copytree(out / "checkpoint-2", copy / "checkpoint-2")
     with pytest.raises(UserError, match="was trained with --init_lora_weights pissa: pass the same to resume it"):
         train(tiny_model, data, copy, "loraplus", resume_from_checkpoint=True)
+
+
+# --- merge_adapters.py ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd"])
+def test_an_adapter_merged_with_itself_at_half_weight_each_is_itself(tiny_model, tmp_path, combination_type):
+    """cat is the exact weighted sum of the changes; svd cuts that sum back to the parents' rank, here losslessly."""
+    from gen_helpers import make_adapter
+    from merge_adapters import merge
+
+    adapter = make_adapter(tiny_model, tmp_path / "a")
+    twin = shutil.copytree(adapter, tmp_path / "b")
+    merge(lora_weights=f"{adapter},{twin}", combination_type=combination_type, output_dir=str(tmp_path / "merged"))
+    ids = token_ids(tiny_model)
+    assert max_diff(peft_logits(tiny_model, tmp_path / "merged", ids), peft_logits(tiny_model, adapter, ids)) < EXACT
+
+
+def test_merged_adapter_is_taken_by_every_script(runs, tiny_model, tmp_path):
+    """Two trained adapters (rsLoRA's scale and a converted PiSSA's rank 16 among them), TIES-merged: the new folder
+    names its base and run (training_args.json) for generate.py and evaluate.py, and exports merged."""
+    from export_hf_checkpoint import export
+    from transformers import AutoModelForCausalLM
+
+    from merge_adapters import merge
+    from utils.models import choose_base_model, run_arguments
+
+    parents = [runs("rslora")[0], runs("pissa")[0]]
+    out = tmp_path / "merged"
+    merge(lora_weights=[str(p) for p in parents], weights="0.7,0.3", combination_type="ties", output_dir=str(out))
+    assert choose_base_model("", str(out)) == str(tiny_model)
+    assert run_arguments(str(out))["merged_from"] == [str(p) for p in parents]
+    ids = token_ids(tiny_model)
+    want = peft_logits(tiny_model, out, ids)
+    assert all(max_diff(want, peft_logits(tiny_model, p, ids)) > 1e-3 for p in parents)  # a new adapter
+    export(lora_weights=str(out), output_dir=str(tmp_path / "hf"), dtype="float32")
+    with torch.no_grad():
+        assert max_diff(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits, want) < EXACT
+
+
+def test_bench_methods_smoke(tmp_path):
+    """benchmarks/bench_methods.py on a tiny model: each method's held-out loss before and after, its step time and
+    peak memory, with the load it ran under."""
+    import subprocess
+    import sys
+
+    from tiny import REPO
+
+    out = tmp_path / "methods.json"
+    subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--smoke", "--methods", "lora,pissa", "--output",
+                    str(out)], cwd=REPO, check=True, capture_output=True, timeout=900)
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["lora", "pissa"]
+    for r in results.values():
+        assert r["eval_loss_end"] != r["eval_loss_start"] and len(r["train_losses"]) == 2
+        assert r["seconds_per_step"] > 0 and r["peak_memory_gb"] > 0 and len(r["load_average"]) == 2

@@ -59,6 +59,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "wandb_log_model": one_of("", "false", "true", "end", "checkpoint"),
     "init_lora_weights": one_of("default", "gaussian", "pissa", "olora"),  # utils.methods.INITS
     "loraplus_lr_ratio": above(0),
+    "density": ((lambda v: _number(v) and 0 < v <= 1), "above 0 and at most 1"),  # merge_adapters.py
+    "svd_rank": at_least(0),
     # generation: generate.py, evaluate.py, the demo's sliders and the API
     "temperature": at_least(0),
     "top_p": ((lambda v: _number(v) and 0 < v <= 1), "above 0 and at most 1"),
