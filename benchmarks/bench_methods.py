@@ -12,6 +12,7 @@ full run. Writes benchmarks/results/methods-<machine>.json.
 """
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -110,6 +111,7 @@ def main(methods: str = "", steps: int = 10, batch_size: int = 8, micro_batch_si
                   else "SmolLM2-135M (embedded)", data="data/alpaca_en_demo.json",
                   settings={k: v for k, v in shared.items() if k != "base_model"},
                   lora="r=8 unless named, alpha=16, dropout=0.05, q_proj+v_proj", methods={k: METHODS[k] for k in names},
+                  omp_num_threads=os.environ.get("OMP_NUM_THREADS", "torch's default"),
                   results={})
     output = Path(output or REPO / "benchmarks" / "results" / f"methods-{report['machine']}.json")
     with tempfile.TemporaryDirectory(prefix="bench-methods-") as work:

@@ -16,7 +16,8 @@ from tiny import REPO
 
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
            "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py",
-           "benchmarks/bench_serving.py", "benchmarks/bench_start.py", "benchmarks/bench_methods.py", "merge_adapters.py"]
+           "benchmarks/bench_serving.py", "benchmarks/bench_start.py", "benchmarks/bench_methods.py",
+           "benchmarks/bench_merge.py", "merge_adapters.py"]
 # What loading a model (every model class builds on transformers.modeling_utils) or adapting one imports. A mistake
 # is answered before any of it: loading is the work that takes seconds to minutes, and these imports alone take seconds.
 MODEL_CODE = {"transformers.modeling_utils", "peft"}
@@ -138,6 +139,8 @@ MISTAKES = [
     case("export_gguf.py", ["--base_model", "{tiny}", "--lora_weights", "{dora}", "--adapter_only"],
          "is a DoRA adapter: llama.cpp cannot apply"),
     case("generate.py", ["--backend", "llama.cpp", "--lora_weights", "{dora}"], "is a DoRA adapter: llama.cpp cannot apply"),
+    case("benchmarks/bench_methods.py", ["--methods", "lora,qlora"], "unknown method.*qlora: choose from lora, dora"),
+    case("benchmarks/bench_merge.py", ["--fr_data", "nothere.jsonl"], "--fr_data 'nothere.jsonl' not found"),
     case("merge_adapters.py", ["--lora_weights", "{adapter}"], "needs at least two adapter directories"),
     case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--combination_type", "mean"],
          "unknown --combination_type 'mean': choose cat, svd, linear"),
@@ -180,7 +183,8 @@ OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "ex
                "export_state_dict_checkpoint.py": "--output_dir", "export_onnx.py": "--output_dir",
                "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output",
                "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output",
-               "merge_adapters.py": "--output_dir"}
+               "merge_adapters.py": "--output_dir", "benchmarks/bench_methods.py": "--output",
+               "benchmarks/bench_merge.py": "--output"}
 
 
 @pytest.mark.parametrize("script, args, message, env", MISTAKES)

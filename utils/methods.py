@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from utils.cli import UserError
+from utils.cli import UserError, is_main_process
 
 INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}  # flag value -> PEFT's
 # Initialisations that move the top of each weight's spectrum (PiSSA: SVD, OLoRA: QR) out of the base into the
@@ -23,9 +23,9 @@ BASE_CHANGING = ("pissa", "olora")
 def describe(use_dora: bool = False, use_rslora: bool = False, init_lora_weights: str = "default",
              loraplus_lr_ratio: Optional[float] = None) -> str:
     """The method's name for logs and reports, e.g. "DoRA", "PiSSA + LoRA+" or "LoRA"."""
-    parts = [name for on, name in ((init_lora_weights in BASE_CHANGING, {"pissa": "PiSSA", "olora": "OLoRA"}.get(
-        init_lora_weights, "")), (use_dora, "DoRA"), (use_rslora, "rsLoRA"), (bool(loraplus_lr_ratio), "LoRA+")) if on]
-    return " + ".join(parts) or "LoRA"
+    parts = [{"pissa": "PiSSA", "olora": "OLoRA"}.get(init_lora_weights, ""), "DoRA" if use_dora else "",
+             "rsLoRA" if use_rslora else "", "LoRA+" if loraplus_lr_ratio else ""]
+    return " + ".join(part for part in parts if part) or "LoRA"
 
 
 def check_methods(a: dict, quantization: str, sharded: bool, warm_start: Optional[str]) -> None:
@@ -86,7 +86,7 @@ def save_initial(model) -> Optional[str]:
     time (None for other methods). Initialisation is deterministic (SVD, QR of the base), so a resumed run saves the
     same one."""
     config = model.peft_config["default"]
-    if str(config.init_lora_weights) not in BASE_CHANGING:
+    if str(config.init_lora_weights) not in BASE_CHANGING or not is_main_process():  # only rank 0 saves the adapter
         return None
     folder = Path(tempfile.mkdtemp(prefix="initial-adapter-")) / "initial"  # PEFT names the adapter by the folder
     model.save_pretrained(folder, save_embedding_layers=False)
