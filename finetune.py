@@ -61,6 +61,11 @@ def train(
     tensorboard: bool = False,
     overwrite_output_dir: bool = False,
     seed: int = 42,
+    # adapter methods beyond plain LoRA (utils/methods.py)
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init_lora_weights: str = "default",
+    loraplus_lr_ratio: Optional[float] = None,
 ):
     """Fine-tune a causal LM with LoRA on instruction data and save the adapter to output_dir.
 
@@ -103,6 +108,10 @@ def train(
         tensorboard: Also log to TensorBoard (in output_dir/runs).
         overwrite_output_dir: Allow writing into an output_dir that holds an earlier run; its checkpoint-N folders are deleted when training starts, so --resume_from_checkpoint True finds only this run's.
         seed: Seed for the data split, shuffling and LoRA initialisation.
+        use_dora: DoRA: each adapted weight learns its column norms (a magnitude vector) apart from its direction; closer to full fine-tuning at low rank, slower steps. Exports merge it; llama.cpp cannot apply it unmerged.
+        use_rslora: rsLoRA: scale by lora_alpha/sqrt(r) instead of lora_alpha/r, so that a high rank (64 and up) still learns.
+        init_lora_weights: default (the original's: random A, zero B) | gaussian | pissa (A and B from the weights' top singular vectors) | olora (from a QR decomposition). pissa/olora move that part out of the base while training; the saved adapter is converted (rank 2r) to apply to the unchanged base.
+        loraplus_lr_ratio: LoRA+: lora_B learns at this many times --learning_rate (the paper suggests 16); unset: plain LoRA's one rate.
     """
     arguments = dict(locals())
     # Every input is checked before the model loads (and the cheap checks before the slow ones): a mistake costs
@@ -154,11 +163,12 @@ class Plan:
     train_data: object = None
     val_data: object = None
     settings: Optional[TrainSettings] = None
+    initial_adapter: Optional[str] = None  # a PiSSA/OLoRA adapter as initialised, for the conversion at save time
 
 
 def check_run(a: dict) -> Plan:
     """Every check of the flags, the data file, the output directory and the base's config, in that order."""
-    from utils import distributed, durable, models, training
+    from utils import distributed, durable, methods, models, training
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     distributed.check_launcher()
@@ -180,9 +190,13 @@ def check_run(a: dict) -> Plan:
     checkpoint, warm_start = training.resolve_resume(a["resume_from_checkpoint"], out)
     if warm_start:
         models.check_adapter_dir(warm_start)  # a save cut short is refused here, before its base is looked up
+    a["init_lora_weights"] = str(a["init_lora_weights"]).lower()
+    methods.check_methods(a, quantization, bool(shard), warm_start)
     if checkpoint or warm_start:
         lora = {flag: a[flag] for flag in ("lora_r", "lora_alpha", "lora_dropout")}
         training.check_lora_matches(checkpoint or warm_start, lora, target_modules)
+    if checkpoint:
+        methods.check_checkpoint_method(checkpoint, a)
     base_model = models.choose_base_model(a["base_model"], checkpoint or warm_start)
     base_path = models.resolve_base_model(base_model)
     models.check_cutoff_len(base_path, a["cutoff_len"])
@@ -229,7 +243,8 @@ def prepare_data(plan: Plan, a: dict) -> None:
         warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=a["logging_steps"],
         group_by_length=a["group_by_length"], packing=a["packing"], gradient_checkpointing=a["gradient_checkpointing"],
         torch_compile=a["torch_compile"], bf16=a["bf16"], report_to=tuple(plan.report_to),
-        run_name=a["wandb_run_name"] or None, seed=a["seed"], world_size=plan.world_size)
+        run_name=a["wandb_run_name"] or None, seed=a["seed"], world_size=plan.world_size,
+        loraplus_lr_ratio=a["loraplus_lr_ratio"])
     # What later scripts read back (evaluate.py's held-out records, the export's chat template): the values this run
     # used, not the unset flags they were resolved from, and the names the user gave rather than this machine's paths.
     a.update(
@@ -246,7 +261,7 @@ def load_lora_model(plan: Plan, a: dict):
     """The frozen base (as the launcher needs it) with trainable LoRA layers, seeded alike on every rank."""
     from transformers import set_seed
 
-    from utils import distributed, models
+    from utils import distributed, methods, models
 
     log(f"Loading {plan.base_model or 'the embedded SmolLM2-135M-Instruct'} on {plan.device} "
         f"({'not quantized' if plan.quantization == 'none' else plan.quantization}, "
@@ -259,7 +274,10 @@ def load_lora_model(plan: Plan, a: dict):
     set_seed(a["seed"])  # the LoRA init draws from torch's RNG: seeded, every rank and every rerun start alike
     model = wrap_lora(model, plan.quantization, plan.warm_start, a["gradient_checkpointing"], sharded=bool(plan.shard),
                       r=a["lora_r"], lora_alpha=a["lora_alpha"], lora_dropout=a["lora_dropout"],
-                      target_modules=plan.target_modules)
+                      target_modules=plan.target_modules,
+                      **methods.lora_fields(a["use_dora"], a["use_rslora"], a["init_lora_weights"]))
+    if not plan.warm_start:
+        plan.initial_adapter = methods.save_initial(model)
     if distributed.loads_empty(plan.shard):
         distributed.materialize_trainable(model)
     return model
@@ -276,12 +294,15 @@ def finish_run(trainer, metrics: dict, plan: Plan, arguments: dict) -> None:
         metrics["final_eval_loss"] = trainer.state.best_metric
     state_dict = distributed.gather_adapter(trainer)  # on every rank: FSDP and ZeRO-3 hold the weights in shards
     if trainer.is_world_process_zero():
+        from utils.methods import describe
         from utils.metrics import write_reports
 
         base_name = models.base_model_name(plan.base_model)
-        save_run(trainer, plan.tokenizer, plan.out, arguments, state_dict, base_name)
+        save_run(trainer, plan.tokenizer, plan.out, arguments, state_dict, base_name, plan.initial_adapter)
+        method = describe(arguments["use_dora"], arguments["use_rslora"], arguments["init_lora_weights"],
+                          arguments["loraplus_lr_ratio"])
         write_reports(trainer.state.log_history, metrics, plan.out,
-                      f"LoRA r={arguments['lora_r']} on {Path(base_name).name}")
+                      f"{method} r={arguments['lora_r']} on {Path(base_name).name}")
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and tears the process group down) mid-save
     distributed.record_memory("end")
     log(f"Saved the LoRA adapter to {plan.out}")
@@ -367,9 +388,11 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
 
     from utils.distributed import memory_callback
     from utils.metrics import LossGuard, ProgressReport
+    from utils.methods import loraplus_optimizer
     from utils.training import data_collator
 
     args = args or training_arguments(out, device, val_data is not None, settings)
+    ratio = settings.loraplus_lr_ratio
     trainer = Trainer(
         model=model,
         args=args,
@@ -377,6 +400,7 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
         eval_dataset=val_data,
         data_collator=data_collator(tokenizer, settings.packing, model.config),
         callbacks=[LossGuard(), *filter(None, [memory_callback(), keeper])],  # memory: each rank's, when asked for (tests)
+        optimizers=(loraplus_optimizer(model, args, ratio) if ratio else None, None),  # the Trainer's scheduler
     )
     # First in line, so the tokens/s it adds to a log line is printed with it.
     trainer.callback_handler.callbacks.insert(0, ProgressReport(out))
@@ -428,10 +452,13 @@ def training_arguments(out: Path, device: str, validate: bool, s: TrainSettings)
     )
 
 
-def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict], base_name: str) -> None:
+def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict], base_name: str,
+             initial_adapter: Optional[str] = None) -> None:
     """The final adapter (PEFT's own save_pretrained, safetensors), the tokenizer and the arguments used.
     state_dict: the adapter's weights gathered from sharded ranks (utils.distributed.gather_adapter); base_name: the
-    base model as the adapter's config names it (models.base_model_name)."""
+    base model as the adapter's config names it (models.base_model_name); initial_adapter: a PiSSA/OLoRA adapter
+    as initialised, to convert the trained one against (methods.save_initial)."""
+    from utils.methods import save_pretrained
     from utils.training import save_adapter
 
     # PEFT names the base by the folder it loaded from (for the embedded model, this machine's cache), in the
@@ -444,7 +471,7 @@ def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optiona
 
     def save(tmp: Path):
         # No embedding layer is ever adapted; "auto" would look the base up by that name, on the Hub.
-        trainer.model.save_pretrained(tmp, state_dict=state_dict, save_embedding_layers=False)
+        save_pretrained(trainer.model, tmp, initial_adapter, state_dict=state_dict, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.json").write_text(json.dumps(arguments, indent=2, default=str))
 

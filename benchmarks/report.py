@@ -245,6 +245,38 @@ def headline() -> str:
             f"the adapter (`docs/real-run/evaluation.json`).\n")
 
 
+def methods(data: dict) -> str:
+    """bench_methods.py's table: one row per adapter method, held-out loss and speed against plain LoRA's."""
+    lora = data["results"].get("lora", next(iter(data["results"].values())))
+    rows = [[name, " ".join(f"--{k} {v}" for k, v in data["methods"][name].items()) or "(defaults)",
+             f"{r['eval_loss_start']} → {r['eval_loss_end']}", round(r["eval_loss_end"] - r["eval_loss_start"], 4),
+             f"{r['seconds_per_step']} s", f"{r['seconds_per_step'] / lora['seconds_per_step']:.2f}×",
+             f"{r['peak_memory_gb']} GB"] for name, r in data["results"].items()]
+    header = ["method", "finetune.py flags", "held-out loss: base → after", "change", "seconds per step",
+              "vs LoRA", "peak memory"]
+    s = data["settings"]
+    loads = [load for r in data["results"].values() for load in r["load_average"]]
+    return (table(header, rows) + "\n" + source(f"methods-{data['machine']}.json", data) +
+            f"{data['model']}, {data['lora']}; {s['max_steps']} optimizer steps of {s['batch_size']} records "
+            f"(micro-batches of {s['micro_batch_size']}, cutoff {s['cutoff_len']}), learning rate {s['learning_rate']}, "
+            f"seed {s['seed']}, {s['val_set_size']} held-out records of {data['data']}; OMP_NUM_THREADS "
+            f"{data.get('omp_num_threads', 'unset')}; each method in its own process, "
+            f"one after the other; load average {span(loads)} (other work on the machine slows the steps).\n")
+
+
+def merged(data: dict) -> str:
+    """bench_merge.py's table: the held-out loss of the base, each parent and the merged adapter on each set."""
+    sets = list(data["held_out"])
+    rows = [[who, *(data["held_out"][name].get(who) for name in sets)] for who in ("base", *sets, "merged")]
+    header = ["adapter", *(f"held-out loss on {name} ({data['sets'][name]['path']}, "
+                           f"{data['sets'][name]['val_set_size']} records)" for name in sets)]
+    loads = [load for r in data["train"].values() for load in r["load_average"]]
+    return (table(header, rows) + "\n" + source(f"merge-{data['machine']}.json", data) +
+            f"{data['model']}; each parent: LoRA r=8 on q_proj+v_proj, {data['steps']} optimizer steps of 8 records, "
+            f"learning rate {data['learning_rate']}, seed 42; merged with `--combination_type "
+            f"{data['combination_type']}` at equal weights; load average while training {span(loads)}.\n")
+
+
 def recipes(name: str) -> str:
     data = load(RESULTS / name)
     limits = data.get("isa_limits")
@@ -271,6 +303,8 @@ BLOCKS = {
     "start": lambda: with_source(start, "start-cpu-2core.json"),
     "serving": lambda: with_source(serving, "serving-cpu-2core.json"),
     "gguf": lambda: with_source(gguf, "gguf.json"),
+    "methods": lambda: methods(load(RESULTS / "methods-cpu-2core.json")),
+    "merge": lambda: merged(load(RESULTS / "merge-cpu-2core.json")),
 }
 
 

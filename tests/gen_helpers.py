@@ -14,14 +14,16 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"  # git-ignored: screenshots of the tests that drive a browser
 
 
-def make_adapter(base: Path, folder: Path, seed: int = 0, std: float = 0.5) -> Path:
-    """A LoRA adapter (q_proj, v_proj) with non-zero weights, saved as finetune.py saves one (lora_B ~ N(0, std))."""
+def make_adapter(base: Path, folder: Path, seed: int = 0, std: float = 0.5, **method) -> Path:
+    """A LoRA adapter (q_proj, v_proj) with non-zero weights, saved as finetune.py saves one (lora_B ~ N(0, std));
+    `method`: LoraConfig fields such as use_dora=True."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(seed)  # before PEFT draws lora_A: the same adapter whatever ran before (tests' order)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    config = LoraConfig(**dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") | method)
+    model = get_peft_model(model, config)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would make the adapter a no-op
         for name, param in model.named_parameters():
             if "lora_B" in name:

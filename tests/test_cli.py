@@ -16,7 +16,8 @@ from tiny import REPO
 
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
            "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py",
-           "benchmarks/bench_serving.py", "benchmarks/bench_start.py"]
+           "benchmarks/bench_serving.py", "benchmarks/bench_start.py", "benchmarks/bench_methods.py",
+           "benchmarks/bench_merge.py", "merge_adapters.py"]
 # What loading a model (every model class builds on transformers.modeling_utils) or adapting one imports. A mistake
 # is answered before any of it: loading is the work that takes seconds to minutes, and these imports alone take seconds.
 MODEL_CODE = {"transformers.modeling_utils", "peft"}
@@ -39,7 +40,12 @@ def files(tiny_model, tiny_gqa_model, tmp_path_factory):
     (root / "earlier-run").mkdir()
     (root / "earlier-run" / "adapter_model.safetensors").write_text("an earlier run")
     make_adapter(tiny_model, root / "adapter")
-    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter")
+    make_adapter(tiny_model, root / "dora", use_dora=True)
+    make_adapter(tiny_model, root / "r8", r=8)
+    make_adapter(tiny_model, root / "qk", target_modules=["q_proj", "k_proj"])
+    make_adapter(tiny_gqa_model, root / "gqa-adapter")
+    return dict(root=root, tiny=tiny_model, gqa=tiny_gqa_model, adapter=root / "adapter", dora=root / "dora",
+                r8=root / "r8", qk=root / "qk", gqa_adapter=root / "gqa-adapter")
 
 
 def case(script, args, message, env=None):
@@ -78,6 +84,14 @@ MISTAKES = [
     case("finetune.py", ["--save_minutes", "-5"], "--save_minutes must be at least 0"),
     case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--cutoff_len", "4096"],
          "--cutoff_len 4096 is longer than the model's 512-token context"),
+    case("finetune.py", ["--init_lora_weights", "svd"], "--init_lora_weights must be one of default, gaussian, pissa, olora"),
+    case("finetune.py", ["--loraplus_lr_ratio", "0"], "--loraplus_lr_ratio must be above 0, not 0"),
+    case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--init_lora_weights", "pissa",
+                         "--quantization", "8bit"], "--init_lora_weights pissa decomposes the full-precision weights"),
+    case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--init_lora_weights", "olora",
+                         "--use_dora"], "--init_lora_weights olora with --use_dora cannot be converted"),
+    case("finetune.py", ["--data_path", "{root}/good.json", "--use_rslora", "--resume_from_checkpoint", "{adapter}"],
+         "--use_rslora shape a new adapter; .* brings its own method"),
     case("generate.py", ["--temperature", "-1"], "--temperature must be 0 for greedy or at least 0.001, not -1"),
     case("generate.py", ["--top_p", "1.5"], "--top_p must be above 0 and at most 1"),
     case("generate.py", ["--server_port", "70000"], "--server_port must be a port number from 1 to 65535"),
@@ -123,6 +137,21 @@ MISTAKES = [
     case("generate.py", ["--base_model", "{adapter}"], "adapter is a LoRA adapter, not a base model: pass it as --lora_weights"),
     case("export_hf_checkpoint.py", ["--base_model", "{gqa}", "--lora_weights", "{adapter}"], "was trained for another base model"),
     case("export_gguf.py", ["--base_model", "meta-llama/Llama-2-7b-hf"], "is not in the local Hugging Face cache", NO_NETWORK),
+    case("export_gguf.py", ["--base_model", "{tiny}", "--lora_weights", "{dora}", "--adapter_only"],
+         "is a DoRA adapter: llama.cpp cannot apply"),
+    case("generate.py", ["--backend", "llama.cpp", "--lora_weights", "{dora}"], "is a DoRA adapter: llama.cpp cannot apply"),
+    case("benchmarks/bench_methods.py", ["--methods", "lora,qlora"], "unknown method.*qlora: choose from lora, dora"),
+    case("benchmarks/bench_merge.py", ["--fr_data", "nothere.jsonl"], "--fr_data 'nothere.jsonl' not found"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter}"], "needs at least two adapter directories"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--combination_type", "mean"],
+         "unknown --combination_type 'mean': choose cat, svd, linear"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{gqa_adapter}"], "were trained on different base models"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{qk}"], "adapt different layers"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--combination_type", "ties"],
+         "has rank 4 and .* rank 8: --combination_type ties needs equal ranks; use cat or svd"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{dora}"], "is a DoRA adapter: only LoRA adapters"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--weights", "1,2,3"], "--weights has 3 value"),
+    case("merge_adapters.py", ["--lora_weights", "{adapter},{r8}", "--density", "0"], "--density must be above 0"),
 ]
 
 
@@ -154,7 +183,9 @@ def run_script(script, args, env=None, cwd=REPO):
 OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "export_hf_checkpoint.py": "--output_dir",
                "export_state_dict_checkpoint.py": "--output_dir", "export_onnx.py": "--output_dir",
                "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output",
-               "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output"}
+               "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output",
+               "merge_adapters.py": "--output_dir", "benchmarks/bench_methods.py": "--output",
+               "benchmarks/bench_merge.py": "--output"}
 
 
 @pytest.mark.parametrize("script, args, message, env", MISTAKES)

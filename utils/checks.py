@@ -58,6 +58,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "device_map": one_of("", "auto", "balanced", "balanced_low_0", "sequential"),
     "wandb_watch": one_of("", "false", "gradients", "parameters", "all"),
     "wandb_log_model": one_of("", "false", "true", "end", "checkpoint"),
+    "init_lora_weights": one_of("default", "gaussian", "pissa", "olora"),  # utils.methods.INITS
+    "loraplus_lr_ratio": above(0),
+    "density": ((lambda v: _number(v) and 0 < v <= 1), "above 0 and at most 1"),  # merge_adapters.py
+    "svd_rank": at_least(0),
     # generation: generate.py, evaluate.py, the demo's sliders and the API
     # Between 0 and 1e-3 a temperature only overflows the scores it divides (1e-45: every one infinite).
     "temperature": ((lambda v: _number(v) and (v == 0 or v >= 1e-3)), "0 for greedy or at least 0.001"),

@@ -12,6 +12,8 @@ import torch
 from utils.cli import UserError
 from utils.export import head_dim, save_tokenizer
 from utils.llamacpp import CONVERTER_TYPES, OUTTYPES, QUANT_TYPES, quantize, run_converter
+from utils.methods import check_llamacpp, llamacpp_ready
+
 OUTTYPE_ALIASES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
                    "bfloat16": "bf16", "q8": "q8_0", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 
@@ -28,12 +30,14 @@ def resolve_outtype(outtype: str, adapter_only: bool = False) -> str:
 
 
 def check_adapter_only(lora_weights: str) -> None:
-    """--adapter_only converts a local adapter directory (llama.cpp's converter reads it from disk)."""
+    """--adapter_only converts a local adapter directory (llama.cpp's converter reads it from disk) that llama.cpp
+    can apply."""
     if not lora_weights:
         raise UserError("--adapter_only exports an adapter: pass its directory with --lora_weights")
     if not Path(lora_weights).expanduser().is_dir():
         raise UserError(f"--adapter_only needs the adapter as a local directory; {lora_weights} is not one "
                         "(download a Hub adapter first, e.g. with `hf download`)")
+    check_llamacpp(lora_weights)
 
 
 def check_gguf(config, converter: Path) -> None:
@@ -91,5 +95,6 @@ def convert(checkpoint: Path, path: Path, outtype: str, pre_tokenizer: str = "",
 
 def write_gguf_lora(adapter: Path, base: Path, path: Path, outtype: str) -> None:
     """The adapter alone as a GGUF LoRA; --base gives the converter the base's config (its weights are not read)."""
-    run_converter("convert_lora_to_gguf.py", [str(adapter), "--base", str(base), "--outfile", str(path),
-                                              "--outtype", outtype])
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gguf-work-") as work:
+        run_converter("convert_lora_to_gguf.py", [str(llamacpp_ready(adapter, Path(work))), "--base", str(base),
+                                                  "--outfile", str(path), "--outtype", outtype])

@@ -67,6 +67,9 @@ def check_backend(backend: str, gguf_type: str, lora_weights: str, device: str, 
     for bad, message in problems:
         if bad:
             raise UserError(message)
+    from utils.methods import check_llamacpp
+
+    check_llamacpp(lora_weights)
     return backend
 
 

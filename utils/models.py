@@ -369,9 +369,12 @@ def check_adapter_dir(lora_weights: str) -> Optional[dict[str, list[int]]]:
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{lora_weights} has no adapter_config.json: not a PEFT adapter directory (train one with finetune.py)")
     try:
-        json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((path / "adapter_config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path / 'adapter_config.json'} is not valid JSON: {err}") from None
+    from utils.methods import check_unconverted
+
+    check_unconverted(lora_weights, config)
     weights = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
     found = next((w for w in weights if w.is_file()), None)
     if found is None:

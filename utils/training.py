@@ -38,6 +38,7 @@ class TrainSettings:
     run_name: Optional[str] = None
     seed: int = 42
     world_size: int = 1
+    loraplus_lr_ratio: Optional[float] = None  # LoRA+ (utils.methods): lora_B's learning rate over lora_A's
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int) -> int:
     """Gradient accumulation steps per process; the global batch must split evenly over micro-batches and ranks."""
