@@ -156,13 +156,14 @@ def test_merged_adapter_is_taken_by_every_script(runs, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from merge_adapters import merge
-    from utils.models import choose_base_model, run_arguments
+    from utils.models import choose_base_model
+    from utils.run_record import RunRecord
 
     parents = [runs("rslora")[0], runs("pissa")[0]]
     out = tmp_path / "merged"
     merge(lora_weights=[str(p) for p in parents], weights="0.7,0.3", combination_type="ties", output_dir=str(out))
     assert choose_base_model("", str(out)) == str(tiny_model)
-    assert run_arguments(str(out))["merged_from"] == [str(p) for p in parents]
+    assert RunRecord.read(str(out)).get("merged_from") == [str(p) for p in parents]
     ids = token_ids(tiny_model)
     want = peft_logits(tiny_model, out, ids)
     assert all(max_diff(want, peft_logits(tiny_model, p, ids)) > 1e-3 for p in parents)  # a new adapter

@@ -38,7 +38,8 @@ def parse_weights(value, count: int) -> list[float]:
 def check_adapters(adapters: list[str], combination_type: str) -> list[dict]:
     """The adapters' configs, once every adapter is found to be a LoRA for the same base, layers and (where the
     combination needs it) rank; one line naming the first that is not."""
-    from utils.models import adapter_base, check_adapter_dir, embedded_as_empty, run_arguments
+    from utils.models import check_adapter_dir, embedded_as_empty
+    from utils.run_record import RunRecord
 
     if len(adapters) < 2:
         raise UserError("--lora_weights needs at least two adapter directories to merge, e.g. ./lora-en,./lora-fr")
@@ -47,11 +48,12 @@ def check_adapters(adapters: list[str], combination_type: str) -> list[dict]:
     configs = []
     for adapter in adapters:
         check_adapter_dir(adapter)
-        config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text())
+        record = RunRecord.read(adapter)
+        config = record.adapter_config
         if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
             raise UserError(f"{adapter} is a {'DoRA' if config.get('use_dora') else config['peft_type']} adapter: "
                             "only LoRA adapters (rsLoRA, converted PiSSA/OLoRA and LoRA+ included) can be merged")
-        base = embedded_as_empty(str(run_arguments(adapter).get("base_model", adapter_base(adapter)) or ""))
+        base = embedded_as_empty(record.base_model or "")
         configs.append(dict(config, base=base, adapter=adapter))
     first = configs[0]
     for other in configs[1:]:
@@ -95,7 +97,7 @@ def merge(model, adapters: list[str], weights: list[float], combination_type: st
 def save(model, out: Path, adapters: list[str], record: dict) -> None:
     """The merged adapter, the first parent's tokenizer files and a training_args.json that generate.py,
     evaluate.py and the exports read (the first parent's, with how it was merged)."""
-    from utils.models import run_arguments
+    from utils.run_record import RunRecord
 
     model.save_pretrained(out, save_embedding_layers=False)
     first = Path(adapters[0]).expanduser()
@@ -103,7 +105,7 @@ def save(model, out: Path, adapters: list[str], record: dict) -> None:
         if file.is_file() and (file.name.startswith(("tokenizer", "special_tokens")) or file.suffix == ".jinja"):
             shutil.copy(file, out / file.name)
     config = model.peft_config[MERGED]
-    args = dict(run_arguments(adapters[0]), output_dir=str(record["output_dir"]), lora_r=config.r,
+    args = dict(RunRecord.read(adapters[0]).arguments, output_dir=str(record["output_dir"]), lora_r=config.r,
                 lora_alpha=config.lora_alpha, use_dora=False, use_rslora=False, init_lora_weights="default",
                 loraplus_lr_ratio=None, merged_from=[str(a) for a in adapters], **{k: v for k, v in record.items()
                                                                                   if k != "output_dir"})

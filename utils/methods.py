@@ -106,7 +106,9 @@ def save_pretrained(model, folder: Path, initial: Optional[str], **kwargs) -> No
 
 
 def adapter_config(lora_weights: str) -> dict:
-    return json.loads((Path(lora_weights).expanduser() / "adapter_config.json").read_text())
+    from utils.run_record import RunRecord
+
+    return RunRecord.read(lora_weights).adapter_config
 
 
 def check_llamacpp(lora_weights: str) -> None:
