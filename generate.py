@@ -37,6 +37,7 @@ def main(
     input: str = "",
     input_file: str = "",
     output_file: str = "",
+    overwrite: bool = False,
     temperature: float = 0.1,
     top_p: float = 0.75,
     top_k: int = 40,
@@ -72,7 +73,8 @@ def main(
         instruction: Answer this one instruction on stdout and exit (no server).
         input: Optional context for --instruction (the template's Input section).
         input_file: .json (a list) or .jsonl file of records with "instruction" (and optional "input"): answer them all and exit.
-        output_file: Write the answers as JSON Lines (each record + "response") here instead of stdout.
+        output_file: Write the answers as JSON Lines (each record + "response") here instead of stdout; an existing file is refused unless --overwrite.
+        overwrite: Let --output_file replace a file that exists.
         temperature: Sampling temperature; 0 means greedy or plain beam search (no sampling).
         top_p: Nucleus sampling: keep the smallest set of tokens whose probabilities add up to this.
         top_k: Sample among the k most likely tokens (0: no limit).
@@ -104,6 +106,8 @@ def main(
     if output_file:
         if Path(output_file).is_dir():
             raise UserError(f"--output_file {output_file} is a directory: name the file to write, e.g. answers.jsonl")
+        if Path(output_file).exists() and not overwrite:
+            raise UserError(f"--output_file {output_file} exists: pass --overwrite to replace it, or name another file")
         check_writable(str(Path(output_file).expanduser().absolute().parent), "output_file")
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
     from utils.llamacpp import check_backend
