@@ -154,6 +154,33 @@ def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
     assert alice.predict(*ask("Still there?"), api_name="/generate") == "You asked: Still there?"  # stop is not sticky
 
 
+# Each slider at its minimum, its maximum and a whole number, as a browser sends them: whole numbers as ints (1, not
+# 1.0), the rest as floats; 40.0 for Top k is the float a slider may send for a whole step.
+SLIDER_VALUES = [("temperature", v) for v in (0, 0.05, 1, 2)] + [("top_p", v) for v in (0.05, 0.5, 1)] + \
+    [("top_k", v) for v in (0, 40.0, 100)] + [("num_beams", v) for v in (1, 2, 4)] + \
+    [("max_new_tokens", v) for v in (1, 50, 512)]  # 512: the tiny model's whole context, the slider's maximum
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("name, value", SLIDER_VALUES)
+def test_every_slider_value_answers(url, runs, name, value, stream):
+    """The Instruction tab answers at every value its sliders offer, streamed or not (beam search when not)."""
+    instruction = f"Slider {name} at {value}, stream {stream}."
+    expected = f"You asked: {instruction}"
+    answer = client(url).predict(*ask(instruction, **{name: value, "stream": stream}), api_name="/generate")
+    if (name, value) == ("max_new_tokens", 1):
+        assert answer is not None and expected.startswith(answer), answer  # one token of it (maybe a space)
+    else:
+        assert answer == expected
+
+
+@pytest.mark.parametrize("name, value", [("temperature", 1), ("temperature", 2), ("top_p", 1), ("max_new_tokens", 512)])
+def test_the_chat_tab_answers_at_the_sliders_ends(gen, url, name, value):
+    settings = dict(temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=32, stream=True) | {name: value}
+    with answering(gen.model, gen.tokenizer, lambda prompt: "Hello there."):
+        assert client(url).predict("Hi.", "", *settings.values(), api_name="/chat") == "Hello there."
+
+
 def test_the_demo_answers_while_its_decoding_step_compiles(tiny_model, monkeypatch):
     """generate.py's default on CPU: the page answers before the compiled step is ready (inductor is held back here),
     and after the switch the same greedy answer comes through the compiled step."""

@@ -349,10 +349,9 @@ class Engine:
             self._append(job, token)
 
     def _append(self, job: Job, token: int) -> None:
-        tokenizer = self.generator.tokenizer
         if token not in self.eos:
             job.tokens.append(token)
-        text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+        text = self.generator.decode(job.tokens, skip_special_tokens=True)
         cut = min((text.find(s) for s in job.stop_strings if s in text), default=-1)
         with job._changed:
             job.text = text[:cut] if cut >= 0 else text
