@@ -127,6 +127,28 @@ def test_bad_requests_get_openai_style_errors(client, request_, status, message)
     assert message in caught.value.body["message"] and caught.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("field", [dict(temperature=0), dict(temperature=1), dict(temperature=2), dict(temperature=0.7),
+                                   dict(top_p=0.001), dict(top_p=1), dict(max_tokens=1), dict(max_tokens=API.max_tokens),
+                                   dict(max_completion_tokens=API.max_tokens), dict(n=1), dict(stop=["a", "b", "c", "d"])])
+def test_every_field_is_answered_at_its_bounds(gen, url, field):
+    """Each request field at the ends of what it accepts, whole numbers sent as JSON integers (temperature 1)."""
+    with scripted(gen.model, says(gen, "Yes.")):
+        response = post(url, **field)
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["message"]["content"]
+    assert content == "Yes." or (field == dict(max_tokens=1) and "Yes.".startswith(content))  # its first token
+
+
+@pytest.mark.parametrize("field, message", [
+    (dict(temperature=-0.01), "temperature must be at least 0"), (dict(top_p=0), "top_p must be above 0"),
+    (dict(top_p=1.01), "top_p must be above 0 and at most 1"), (dict(max_tokens=0), "must be at least 1"),
+    (dict(max_tokens=API.max_tokens + 1), f"this server allows at most {API.max_tokens}"),
+])
+def test_every_field_is_refused_past_its_bounds(url, field, message):
+    response = post(url, **field)
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
 def test_too_large_and_broken_bodies(url):
     headers = {"Authorization": "Bearer se:cret", "Content-Type": "application/json"}
     broken = httpx.post(f"{url}v1/chat/completions", content=b"{not json", headers=headers)

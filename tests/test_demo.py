@@ -319,6 +319,22 @@ def test_browser_streams_the_answer_and_fills_examples(gen, url, browser):
     page.close()
 
 
+def test_browser_answers_at_temperature_one_and_two(url, browser):
+    """The slider's whole values, which the page sends as integers (transformers refuses an int temperature)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    for value in ("1", "2"):
+        temperature = page.get_by_label("number input for Temperature").first  # the Instruction tab's
+        temperature.fill(value)
+        temperature.press("Enter")
+        page.fill("#instruction textarea", f"Answer at temperature {value}.")
+        page.click("#submit")
+        expected = f"You asked: Answer at temperature {value}."
+        seen = watch_output(page, lambda text: text == expected or "rror" in text, timeout=30)
+        assert seen and seen[-1] == expected, seen
+    page.close()
+
+
 def test_browser_chat_tab_streams_and_keeps_the_history(gen, url, runs, browser):
     """Two messages in the Chat tab: each answer streams into the chat, the second prompt holds the first exchange."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
