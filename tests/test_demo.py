@@ -3,6 +3,7 @@
 Every server here listens on 127.0.0.1 only. The tiny random model answers through gen_helpers.answering, so
 each answer is known in advance ("You asked: <instruction>") and `slowed` makes the streaming observable."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -190,6 +191,8 @@ def test_the_demo_answers_while_its_decoding_step_compiles(tiny_model, monkeypat
     app = demo.build_app(compiling, DEFAULTS, title="tiny")
     with serving(app) as url:
         assert reached.wait(120), "the compiler never started"
+        [compiler] = [thread for thread in threading.enumerate() if thread.name == "compile"]
+        assert os.getpriority(os.PRIO_PROCESS, compiler.native_id) == 19  # the lowest: decoding keeps the cores
         during = client(url).predict(*ask("Tell me about alpacas.", max_new_tokens=12), api_name="/generate")
         assert not compiling.compiled  # answered while inductor waits
         go.set()
