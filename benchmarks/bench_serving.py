@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import REPO, Server, at_once, chat, machine, percentiles, smoke_model, with_load, write
+from common import REPO, Server, at_once, chat, commit, machine, percentiles, smoke_model, with_load, write
 from utils.cli import UserError, run
 
 
@@ -84,17 +84,17 @@ def parse_flags(flags: str) -> list[dict]:
     return variants
 
 
-def at_start(flags: dict, clients: int, max_tokens: int) -> dict:
-    """A fresh server, and one crowd sent the moment it answers /v1/models."""
+def at_start(flags: dict, clients: int, max_tokens: int, code: Path) -> dict:
+    """A fresh server (`code`'s generate.py), and one crowd sent the moment it answers /v1/models."""
     from utils.generation import COMPILED_LINE
 
-    server = Server(flags)
+    server = Server(flags, code)
     try:
         ready_s = server.wait(lambda: models_answer(server.url), "answered /v1/models")
         result = with_load(lambda: crowd(server.url, clients, max_tokens))
         loaded = next((line for _, line in server.lines if line.startswith("Loading ")), "")
         exited = server.proc.poll()
-        return dict(flags=flags, ready_s=ready_s, precision=(re.findall(r"\((\w+)\)$", loaded) or [None])[0],
+        return dict(flags=flags, code=commit(code), ready_s=ready_s, precision=(re.findall(r"\((\w+)\)$", loaded) or [None])[0],
                     compiled_s=server.seen(COMPILED_LINE),
                     compiling=server.seen("compiles in the background") is not None, **result,
                     **(dict(server_exit=exited, server_tail=[line for _, line in server.lines[-8:]])
@@ -104,7 +104,7 @@ def at_start(flags: dict, clients: int, max_tokens: int) -> dict:
 
 
 def main(clients: str = "1,4,16,64,200", max_tokens: int = 16, smoke: bool = False, output: str = "",
-         at_start: bool = False, flags: str = "", rounds: int = 1):
+         at_start: bool = False, flags: str = "", rounds: int = 1, code: str = ""):
     """Crowds of API clients against one generate.py --api server; write JSON.
 
     Args:
@@ -115,6 +115,7 @@ def main(clients: str = "1,4,16,64,200", max_tokens: int = 16, smoke: bool = Fal
         at_start: Start a fresh server per round and variant and send one crowd (the largest --clients) the moment /v1/models answers.
         flags: generate.py flags of the server, name=value separated by spaces, e.g. "bf16=False"; with --at_start several servers separated by ";", alternated each round.
         rounds: With --at_start, how many times each server is started and measured.
+        code: With --at_start, the checkout whose generate.py is started (e.g. the code before a change); default: this one. Runs are added to the results file.
     """
     sizes = [c for c in clients.split(",") if c]
     if not sizes or not all(c.isdigit() and int(c) > 0 for c in sizes):
@@ -126,9 +127,12 @@ def main(clients: str = "1,4,16,64,200", max_tokens: int = 16, smoke: bool = Fal
     variants = parse_flags(flags)
     if len(variants) > 1 and not at_start:
         raise UserError("--flags names several servers (;) only with --at_start")
+    folder = Path(code or REPO).resolve()
+    if not (folder / "generate.py").is_file():
+        raise UserError(f"--code {code}: no generate.py there; pass a checkout of this project")
     base_model = smoke_model() if smoke else ""
     if at_start:
-        return measure_at_start(variants, max(map(int, sizes)), max_tokens, base_model, output, rounds)
+        return measure_at_start(variants, max(map(int, sizes)), max_tokens, base_model, output, rounds, folder)
     report = dict(machine("machine", "cpu", "isa_flags", "cpus", "date"),
                   model=base_model or "SmolLM2-135M-Instruct (embedded)",
                   server="python generate.py --api (default flags)", max_tokens=max_tokens, crowds=[])
@@ -153,16 +157,18 @@ def main(clients: str = "1,4,16,64,200", max_tokens: int = 16, smoke: bool = Fal
 
 
 def measure_at_start(variants: list[dict], clients: int, max_tokens: int, base_model: str, output: str,
-                     rounds: int) -> None:
-    """--at_start: each round, each server variant in turn, freshly started; write JSON."""
-    report = dict(machine("machine", "cpu", "isa_flags", "cpus", "date"),
-                  isa_limits={k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
-                  model=base_model or "SmolLM2-135M-Instruct (embedded)", clients=clients, max_tokens=max_tokens,
-                  started=time.strftime("%H:%M UTC", time.gmtime()), runs=[])
-    output = Path(output or REPO / "benchmarks" / "results" / f"serving-at-start-{report['machine']}.json")
+                     rounds: int, code: Path) -> None:
+    """--at_start: each round, each server variant in turn, freshly started; add the runs to the JSON file."""
+    header = machine("machine", "cpu", "isa_flags", "cpus", "date")
+    output = Path(output or REPO / "benchmarks" / "results" / f"serving-at-start-{header['machine']}.json")
+    report = json.loads(output.read_text()) if output.is_file() else dict(runs=[])
+    report.update(header, isa_limits={k: os.environ[k] for k in ISA_VARIABLES if k in os.environ},
+                  model=base_model or "SmolLM2-135M-Instruct (embedded)", clients=clients, max_tokens=max_tokens)
     for round_ in range(rounds):
         for flags in variants:
-            run_ = dict(at_start(dict(flags, base_model=base_model), clients, max_tokens), round=round_ + 1)
+            started = time.strftime("%H:%M UTC", time.gmtime())
+            run_ = dict(at_start(dict(flags, base_model=base_model), clients, max_tokens, code), started=started,
+                        round=round_ + 1)
             report["runs"].append(run_)
             print(json.dumps(run_), flush=True)
             write(output, report)

@@ -184,19 +184,19 @@ def serving(data: dict) -> str:
 
 def serving_at_start(data: dict) -> str:
     """bench_serving.py --at_start: one crowd per freshly started server, in the order run (A/B alternating)."""
-    rows = [[run["round"], " ".join(f"--{k} {v}" for k, v in run["flags"].items() if v != "") or "(default flags)",
+    rows = [[run["started"], f"`{run['code']}`", " ".join(f"--{k} {v}" for k, v in run["flags"].items() if v != "") or "(default flags)",
              run["precision"], "yes" if run["compiling"] else "no", run["ready_s"], f"{run['answered']} of {run['clients']}",
              run["total_s"]["p50"], run["total_s"]["p95"], run["all_answered_s"],
-             run["compiled_s"] if run["compiled_s"] is not None else "not yet", steps(run["load_average"])]
+             run["compiled_s"] or ("not yet" if run["compiling"] else ""), steps(run["load_average"])]
             for run in data["runs"]]
-    header = ["round", "generate.py --api", "precision", "compiles in the background", "/v1/models answers (s)",
+    header = ["started", "code", "generate.py --api", "precision", "compiles in the background", "/v1/models answers (s)",
               "answered", "answer p50 (s)", "answer p95 (s)", "all answered (s)", "compiled step in use (s)",
               "load average"]
     limits = data.get("isa_limits")
     caps = f" with `{' '.join(f'{k}={v}' for k, v in limits.items())}`" if limits else ""
     return (table(header, rows) + f"\n{data['clients']} streamed chat completions (max_tokens {data['max_tokens']}) "
             f"sent together the moment `/v1/models` answered, {data['model']}{caps}; CPU flags: "
-            f"{', '.join(data['isa_flags'])}; measured {data['date']} from {data['started']}. Seconds from the "
+            f"{', '.join(data['isa_flags'])}; measured {data['date']}, in the order shown. Seconds from the "
             f"server's launch (/v1/models, compiled step) or from the crowd's start (answers).\n")
 
 
