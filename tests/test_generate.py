@@ -251,6 +251,8 @@ class Loaded(Exception):
     (dict(), "bfloat16", True, True),  # the demo: bf16 on this (mocked) CPU, compiled, a core left for streaming
     (dict(instruction="Hi."), "bfloat16", False, False),  # one answer: compiling would cost more than it saves
     (dict(bf16=False, compile=False, threads=1), "float32", False, None),
+    (dict(bf16=False), "float32", False, True),  # fp32: a compile in the background slows a crowd at start more
+    (dict(bf16=False, compile=True), "float32", True, True),
     (dict(instruction="Hi.", compile=True), "bfloat16", True, False),
 ])
 def test_generate_py_picks_precision_compilation_and_threads(tiny_model, monkeypatch, flags, dtype, compile, serving):

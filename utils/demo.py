@@ -240,8 +240,10 @@ def launch(app, server_name: str, server_port: int, share: bool, auth, block: bo
               file=sys.stderr, flush=True)
     try:
         # quiet: Gradio's own banner tells users to `set share=True in launch()`; this project's flag is --share_gradio.
+        # _frontend=False: no check that the page answers within 3 s (a Colab test), which fails when clients
+        # arrive with the server (200 at once) and made it exit.
         result = app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth, quiet=True,
-                            prevent_thread_lock=True, footer_links=["api", "gradio"],
+                            prevent_thread_lock=True, footer_links=["api", "gradio"], _frontend=False,
                             app_kwargs={"routes": routes} if routes else None)
     except OSError as err:
         raise UserError(f"cannot serve on {server_name}:{server_port} ({err}); pass another --server_port") from None
