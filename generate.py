@@ -37,6 +37,7 @@ def main(
     input: str = "",
     input_file: str = "",
     output_file: str = "",
+    overwrite: bool = False,
     temperature: float = 0.1,
     top_p: float = 0.75,
     top_k: int = 40,
@@ -72,7 +73,8 @@ def main(
         instruction: Answer this one instruction on stdout and exit (no server).
         input: Optional context for --instruction (the template's Input section).
         input_file: .json (a list) or .jsonl file of records with "instruction" (and optional "input"): answer them all and exit.
-        output_file: Write the answers as JSON Lines (each record + "response") here instead of stdout.
+        output_file: Write the answers as JSON Lines (each record + "response") here instead of stdout; an existing file is refused unless --overwrite.
+        overwrite: Let --output_file replace a file that exists.
         temperature: Sampling temperature; 0 means greedy or plain beam search (no sampling).
         top_p: Nucleus sampling: keep the smallest set of tokens whose probabilities add up to this.
         top_k: Sample among the k most likely tokens (0: no limit).
@@ -87,7 +89,7 @@ def main(
         api_max_tokens: The largest max_tokens an API request may ask for (larger: HTTP 400).
         api_max_input_tokens: The longest conversation an API request may send, in tokens (longer: HTTP 413); 0: the model's context length.
         bf16: bf16 weights (half the bytes to read per token); default: where the hardware computes bf16 natively (GPUs since Ampere, CPUs with AVX512-BF16 or AMX), else fp32 on CPU, fp16 on GPUs. False: fp32 on CPU, fp16 on GPUs.
-        compile: Compile the decoding step (torch.compile) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); The demo answers at once, uncompiled, while the step compiles in the background (a minute or more on 2 CPU cores; it says when the compiled step is in use); --instruction/--input_file compile it first. Default: on for the demo on CPU where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
+        compile: Compile the decoding step (torch.compile) for 1.2x (fp32) to 1.8x (bf16) faster tokens on CPU while one answer is generated (several at once are decoded as one batch, uncompiled); The demo answers at once, uncompiled, while the step compiles in the background at the lowest CPU priority, in the time decoding leaves (a minute or more on 2 CPU cores; it says when the compiled step is in use); --instruction/--input_file compile it first. Default: on for the demo on CPU in bf16 (native bf16) where a C++ compiler (g++) is installed, off for --instruction/--input_file and on GPUs (not measured there).
         threads: CPU threads computing the model; 0: the physical cores, less one for the demo (streaming needs a core of its own).
         backend: transformers (batched decoding, beam search, GPUs, 8/4-bit) | llama.cpp: answers computed by llama.cpp (llama-cpp-python) from GGUF files at its own speed on CPU, the adapter applied at run time as a GGUF LoRA (exported once, cached); one answer at a time, the others queued; one beam; the same prompts, tokens and sampling as transformers (docs/serving.md).
         gguf_type: With --backend llama.cpp, the type the base is exported at, once (cached): f16, f32, bf16, q8_0, q4_k_m, …; empty: a .gguf base (the embedded model's Q4_1 included) as it is, any other base at f16.
@@ -104,6 +106,8 @@ def main(
     if output_file:
         if Path(output_file).is_dir():
             raise UserError(f"--output_file {output_file} is a directory: name the file to write, e.g. answers.jsonl")
+        if Path(output_file).exists() and not overwrite:
+            raise UserError(f"--output_file {output_file} exists: pass --overwrite to replace it, or name another file")
         check_writable(str(Path(output_file).expanduser().absolute().parent), "output_file")
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
     from utils.llamacpp import check_backend
@@ -147,7 +151,10 @@ def load_transformers(base_model: str, lora_weights: str, quantization: str, dev
     if device == "cpu":
         torch.set_num_threads(threads or decoding_threads(serving=not batch_mode))
     dtype = pick_dtype(device, bf16) if quantization == "none" else None
-    compile = compile_decoding(compile, device == "cpu" and not batch_mode and quantization == "none")
+    # By default only in bf16: in fp32 the compiled step's gain for one stream does not pay for what its compile in
+    # the background costs a crowd at start (benchmarks/bench_serving.py --at_start, docs/performance.md).
+    compile = compile_decoding(compile, device == "cpu" and not batch_mode and quantization == "none"
+                               and dtype == torch.bfloat16)
     return load_generator(base_model, lora_weights, quantization, device, prompt_template, chat_template=chat_template,
                           dtype=dtype, compile=compile, compile_in_background=not batch_mode)
 

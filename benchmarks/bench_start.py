@@ -14,12 +14,11 @@ recorded next to each figure. Writes benchmarks/results/start-<machine>.json.
 """
 
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, Server, chat, machine, smoke_model, with_load, write
+from common import REPO, Server, chat, commit, machine, smoke_model, with_load, write
 from utils.cli import UserError, run
 
 COMPILES_FIRST = "Compiling the decoding step (once, at start)"  # what the code before printed, then compiled
@@ -43,12 +42,6 @@ def one_start(code: Path, flags: dict, cache: Path) -> dict:
                     compiled_before_serving=compiles_first)
     finally:
         server.close()
-
-
-def commit(folder: Path) -> str:
-    """The checkout's commit (+ "-dirty" with uncommitted changes), or its folder's name outside git."""
-    described = subprocess.run(["git", "-C", str(folder), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return described.stdout.strip() if described.returncode == 0 else folder.name
 
 
 def main(rounds: int = 1, code: str = "", label: str = "", smoke: bool = False, output: str = ""):

@@ -145,6 +145,12 @@ def at_once(request: Callable[[], dict], n: int) -> tuple[list[dict], float]:
     return results, started
 
 
+def commit(folder: Path) -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes), or its folder's name outside git."""
+    described = subprocess.run(["git", "-C", str(folder), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return described.stdout.strip() if described.returncode == 0 else folder.name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -182,6 +182,24 @@ def serving(data: dict) -> str:
             f"took {data['server_start_s']} s to be ready; measured {data['date']}.\n")
 
 
+def serving_at_start(data: dict) -> str:
+    """bench_serving.py --at_start: one crowd per freshly started server, in the order run (A/B alternating)."""
+    rows = [[run["started"], f"`{run['code']}`", " ".join(f"--{k} {v}" for k, v in run["flags"].items() if v != "") or "(default flags)",
+             run["precision"], "yes" if run["compiling"] else "no", run["ready_s"], f"{run['answered']} of {run['clients']}",
+             run["total_s"]["p50"], run["total_s"]["p95"], run["all_answered_s"],
+             run["compiled_s"] or ("not yet" if run["compiling"] else ""), steps(run["load_average"])]
+            for run in data["runs"]]
+    header = ["started", "code", "generate.py --api", "precision", "compiles in the background", "/v1/models answers (s)",
+              "answered", "answer p50 (s)", "answer p95 (s)", "all answered (s)", "compiled step in use (s)",
+              "load average"]
+    limits = data.get("isa_limits")
+    caps = f" with `{' '.join(f'{k}={v}' for k, v in limits.items())}`" if limits else ""
+    return (table(header, rows) + f"\n{data['clients']} streamed chat completions (max_tokens {data['max_tokens']}) "
+            f"sent together the moment `/v1/models` answered, {data['model']}{caps}; CPU flags: "
+            f"{', '.join(data['isa_flags'])}; measured {data['date']}, in the order shown. Seconds from the "
+            f"server's launch (/v1/models, compiled step) or from the crowd's start (answers).\n")
+
+
 START_CODE = {"before": "before: compiled, then served", "after": "**now: served at once, compiled in the background**"}
 
 
@@ -302,6 +320,7 @@ BLOCKS = {
     "llama-backend": lambda: with_source(llama_backend, "generate-llama-backend-cpu-2core.json"),
     "start": lambda: with_source(start, "start-cpu-2core.json"),
     "serving": lambda: with_source(serving, "serving-cpu-2core.json"),
+    "serving-at-start": lambda: with_source(serving_at_start, "serving-at-start-cpu-2core.json"),
     "gguf": lambda: with_source(gguf, "gguf.json"),
     "methods": lambda: methods(load(RESULTS / "methods-cpu-2core.json")),
     "merge": lambda: merged(load(RESULTS / "merge-cpu-2core.json")),

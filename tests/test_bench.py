@@ -11,6 +11,7 @@ from tiny import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_generate  # noqa: E402
+import bench_serving  # noqa: E402
 import common  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -116,3 +117,31 @@ def test_start_smoke_answers_before_the_compiled_step_is_in_use(tmp_path):
         [run] = report["runs"]["after"][cache]
         assert not run["compiled_before_serving"] and run["answer_tokens"] > 0
         assert run["page_s"] <= run["first_token_s"] <= run["answer_s"] and run["compiled_s"] > 0
+
+
+# --- benchmarks/bench_serving.py --------------------------------------------------------------------------------
+
+def test_serving_at_start_sends_the_crowd_as_the_server_answers(tmp_path):
+    """--at_start: a fresh server per variant, the crowd sent once /v1/models answers; CPU flags and precision kept."""
+    out = tmp_path / "at-start.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_serving.py", "--smoke", "--at_start", "--clients", "6",
+                           "--flags", "bf16=False compile=False", "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert report["isa_flags"] == common.isa_flags() and report["clients"] == 6
+    [run] = report["runs"]
+    assert run["flags"]["bf16"] == "False" and run["precision"] == "float32" and not run["compiling"]
+    assert run["answered"] == 6 and run["all_answered_s"] > 0 and run["total_s"]["p95"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(flags="bf16"), "space-separated name=value pairs"),
+    (dict(flags="bf16=False;compile=False"), "only with --at_start"),
+    (dict(at_start=True, rounds=0), "--rounds must be a whole number"),
+])
+def test_serving_flag_mistakes_are_one_line(args, message):
+    from utils.cli import UserError
+
+    with pytest.raises(UserError, match=message):
+        bench_serving.main(**args)

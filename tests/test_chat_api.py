@@ -128,12 +128,93 @@ def test_bad_requests_get_openai_style_errors(client, request_, status, message)
     assert message in caught.value.body["message"] and caught.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("field", [dict(temperature=0), dict(temperature=1), dict(temperature=2), dict(temperature=0.7),
+                                   dict(top_p=0.001), dict(top_p=1), dict(max_tokens=1), dict(max_tokens=API.max_tokens),
+                                   dict(max_completion_tokens=API.max_tokens), dict(n=1), dict(stop=["a", "b", "c", "d"])])
+def test_every_field_is_answered_at_its_bounds(gen, url, field):
+    """Each request field at the ends of what it accepts, whole numbers sent as JSON integers (temperature 1)."""
+    with scripted(gen.model, says(gen, "Yes.")):
+        response = post(url, **field)
+    assert response.status_code == 200, response.text
+    content = response.json()["choices"][0]["message"]["content"]
+    assert content == "Yes." or (field == dict(max_tokens=1) and "Yes.".startswith(content))  # its first token
+
+
+@pytest.mark.parametrize("field, message", [
+    (dict(temperature=-0.01), "temperature must be at least 0"), (dict(top_p=0), "top_p must be above 0"),
+    (dict(top_p=1.01), "top_p must be above 0 and at most 1"), (dict(max_tokens=0), "must be at least 1"),
+    (dict(max_tokens=API.max_tokens + 1), f"this server allows at most {API.max_tokens}"),
+])
+def test_every_field_is_refused_past_its_bounds(url, field, message):
+    response = post(url, **field)
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
 def test_too_large_and_broken_bodies(url):
     headers = {"Authorization": "Bearer se:cret", "Content-Type": "application/json"}
     broken = httpx.post(f"{url}v1/chat/completions", content=b"{not json", headers=headers)
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
     huge = httpx.post(f"{url}v1/chat/completions", content=b" " * (API.max_body_bytes + 1), headers=headers)
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+
+
+def raw_post(url: str, head: bytes, body: bytes, until: bytes) -> bytes:
+    """Send a request's head and (part of a) body on a socket; what the server answers, read until `until` comes."""
+    import socket
+
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer se:cret\r\n" + head +
+                    b"\r\n" + body)
+        while until not in answer and (chunk := raw.recv(65536)):
+            answer += chunk
+    return answer
+
+
+def test_a_body_is_refused_while_it_is_read(url):
+    """A chunked body (no declared length) gets its 413 once it passes the limit, while the client is still sending:
+    the server does not wait for the end of a body it will refuse."""
+    chunk = b" " * 65536
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(API.max_body_bytes // len(chunk) + 1))
+    answer = raw_post(url, b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", chunks,  # no last chunk
+                      until=b"request_too_large")
+    assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer, answer[:300]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_only_json_is_accepted(url, content_type):
+    """What a web page can make a browser POST to another origin without a CORS preflight is refused, unanswered."""
+    headers = {"Authorization": "Bearer se:cret"} | ({"Content-Type": content_type} if content_type else {})
+    response = httpx.post(f"{url}v1/chat/completions", content=json.dumps({"messages": HISTORY}), headers=headers)
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_cors_grants_only_pages_of_this_machine(url):
+    """docs/serving.md: Gradio's CORS, reached at 127.0.0.1: a page from another origin gets no grant, so its browser
+    neither sends a JSON POST (the preflight fails) nor lets it read an answer."""
+    def preflight(origin: str) -> httpx.Response:
+        return httpx.options(f"{url}v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+
+    assert "access-control-allow-origin" not in preflight("https://evil.example").headers
+    assert preflight("http://localhost:3000").headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_json_with_a_charset_is_json(gen, url):
+    headers = {"Authorization": "Bearer se:cret", "Content-Type": "application/json; charset=utf-8"}
+    with scripted(gen.model, says(gen, ANSWER)):
+        response = httpx.post(f"{url}v1/chat/completions", content=json.dumps({"messages": HISTORY}), headers=headers,
+                              timeout=60)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_a_body_that_is_not_utf8_is_a_400(url):
+    headers = {"Authorization": "Bearer se:cret", "Content-Type": "application/json"}
+    body = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")
+    response = httpx.post(f"{url}v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 400 and "not UTF-8" in response.json()["error"]["message"]
 
 
 def wait_until(condition, what: str, seconds: float = 20) -> None:

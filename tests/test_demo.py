@@ -3,6 +3,7 @@
 Every server here listens on 127.0.0.1 only. The tiny random model answers through gen_helpers.answering, so
 each answer is known in advance ("You asked: <instruction>") and `slowed` makes the streaming observable."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -154,6 +155,33 @@ def test_stop_ends_only_the_calling_sessions_answer(gen, url, runs):
     assert alice.predict(*ask("Still there?"), api_name="/generate") == "You asked: Still there?"  # stop is not sticky
 
 
+# Each slider at its minimum, its maximum and a whole number, as a browser sends them: whole numbers as ints (1, not
+# 1.0), the rest as floats; 40.0 for Top k is the float a slider may send for a whole step.
+SLIDER_VALUES = [("temperature", v) for v in (0, 0.05, 1, 2)] + [("top_p", v) for v in (0.05, 0.5, 1)] + \
+    [("top_k", v) for v in (0, 40.0, 100)] + [("num_beams", v) for v in (1, 2, 4)] + \
+    [("max_new_tokens", v) for v in (1, 50, 512)]  # 512: the tiny model's whole context, the slider's maximum
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("name, value", SLIDER_VALUES)
+def test_every_slider_value_answers(url, runs, name, value, stream):
+    """The Instruction tab answers at every value its sliders offer, streamed or not (beam search when not)."""
+    instruction = f"Slider {name} at {value}, stream {stream}."
+    expected = f"You asked: {instruction}"
+    answer = client(url).predict(*ask(instruction, **{name: value, "stream": stream}), api_name="/generate")
+    if (name, value) == ("max_new_tokens", 1):
+        assert answer is not None and expected.startswith(answer), answer  # one token of it (maybe a space)
+    else:
+        assert answer == expected
+
+
+@pytest.mark.parametrize("name, value", [("temperature", 1), ("temperature", 2), ("top_p", 1), ("max_new_tokens", 512)])
+def test_the_chat_tab_answers_at_the_sliders_ends(gen, url, name, value):
+    settings = dict(temperature=0, top_p=0.75, top_k=40, num_beams=1, max_new_tokens=32, stream=True) | {name: value}
+    with answering(gen.model, gen.tokenizer, lambda prompt: "Hello there."):
+        assert client(url).predict("Hi.", "", *settings.values(), api_name="/chat") == "Hello there."
+
+
 def test_the_demo_answers_while_its_decoding_step_compiles(tiny_model, monkeypatch):
     """generate.py's default on CPU: the page answers before the compiled step is ready (inductor is held back here),
     and after the switch the same greedy answer comes through the compiled step."""
@@ -163,6 +191,8 @@ def test_the_demo_answers_while_its_decoding_step_compiles(tiny_model, monkeypat
     app = demo.build_app(compiling, DEFAULTS, title="tiny")
     with serving(app) as url:
         assert reached.wait(120), "the compiler never started"
+        [compiler] = [thread for thread in threading.enumerate() if thread.name == "compile"]
+        assert os.getpriority(os.PRIO_PROCESS, compiler.native_id) == 19  # the lowest: decoding keeps the cores
         during = client(url).predict(*ask("Tell me about alpacas.", max_new_tokens=12), api_name="/generate")
         assert not compiling.compiled  # answered while inductor waits
         go.set()
@@ -289,6 +319,22 @@ def test_browser_streams_the_answer_and_fills_examples(gen, url, browser):
     page.wait_for_function("document.querySelector('#input textarea').value.length > 0", timeout=5000)
     assert page.input_value("#instruction textarea") == "Translate the sentence into Spanish."
     assert page.input_value("#input textarea") == "I have no mouth but I must scream."
+    page.close()
+
+
+def test_browser_answers_at_temperature_one_and_two(url, browser):
+    """The slider's whole values, which the page sends as integers (transformers refuses an int temperature)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    for value in ("1", "2"):
+        temperature = page.get_by_label("number input for Temperature").first  # the Instruction tab's
+        temperature.fill(value)
+        temperature.press("Enter")
+        page.fill("#instruction textarea", f"Answer at temperature {value}.")
+        page.click("#submit")
+        expected = f"You asked: Answer at temperature {value}."
+        seen = watch_output(page, lambda text: text == expected or "rror" in text, timeout=30)
+        assert seen and seen[-1] == expected, seen
     page.close()
 
 

@@ -3,7 +3,12 @@
 Requests are rendered with the same chat template as the demo's chat tab and answered by the same Generator, so a
 client such as the official `openai` package talks to the adapter exactly as the chat tab does. Errors use OpenAI's
 shape, {"error": {"message", "type", "param", "code"}}, with the status codes OpenAI uses: 400 bad request,
-401 missing or wrong key, 413 too large, 503 (with Retry-After) when the queue of waiting requests is full.
+401 missing or wrong key, 413 too large, 415 a body not sent as application/json, 503 (with Retry-After) when the
+queue of waiting requests is full.
+
+A POST must say `Content-Type: application/json`: a web page can make a browser send only "simple" requests
+(form or text/plain bodies) to another origin without asking it first (a CORS preflight), so this is what keeps a
+page the user visits from generating on their local server (docs/serving.md says which CORS the server answers).
 
 Requests are answered by the server's one pool (utils.serving.Engine, shared with the demo's tabs): beyond the
 answers being generated they wait in its queue, and a request whose client has gone is dropped from it.
@@ -168,21 +173,36 @@ def check_auth(service: Service, request: Request) -> None:
 
 
 async def read_request(request: Request, api: ApiSettings) -> ChatRequest:
-    """The body as a ChatRequest, or the 413/400 that says what is wrong with it."""
-    too_large = ApiError(413, f"the request body exceeds {api.max_body_bytes} bytes", code="request_too_large")
-    if int(request.headers.get("content-length") or 0) > api.max_body_bytes:
-        raise too_large
-    body = await request.body()
-    if len(body) > api.max_body_bytes:
-        raise too_large
+    """The body as a ChatRequest, or the 415/413/400 that says what is wrong with it."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"send the body as JSON with the header Content-Type: application/json (not "
+                            f"{media_type or 'none'})", code="unsupported_media_type")
+    body = await read_body(request, api.max_body_bytes)
     try:
-        return ChatRequest.model_validate(json.loads(body or b"null"))
+        return ChatRequest.model_validate(json.loads(body.decode("utf-8") or "null"))
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"the request body is not UTF-8: {err}") from None
     except json.JSONDecodeError as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(map(str, first["loc"]))
         raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read piece by piece: a 413 as soon as it passes `limit` bytes, whether its length was declared
+    or not (a chunked body), so that no oversized body is held in memory whole."""
+    too_large = ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def prepare(service: Service, req: ChatRequest) -> tuple[str, Settings]:
@@ -196,7 +216,7 @@ def prepare(service: Service, req: ChatRequest) -> tuple[str, Settings]:
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message should be the user's: it is what the model answers", param="messages")
     settings = request_settings(req, service.defaults, service.api)
-    prompt = service.chat.render(messages, add_generation_prompt=True)
+    prompt = service.generator.render_chat(service.chat, messages)
     generator = service.generator
     tokens = generator.prompt_tokens(prompt)
     limit = service.api.max_input_tokens or generator.context_length

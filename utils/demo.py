@@ -83,6 +83,7 @@ def answer_for(engine, stops: SessionStops, request, render, settings, stream: b
 
     try:
         prompt = render()
+        settings = engine.generator.within_context(prompt, settings.checked())
         with stops.register(getattr(request, "session_hash", None)) as stop:
             if not stream:
                 yield cut(engine.complete([prompt], settings, stop)[0].text)[0]
@@ -95,6 +96,8 @@ def answer_for(engine, stops: SessionStops, request, render, settings, stream: b
                     yield shown
                     if ended:  # leaving the stream stops the generation: no compute on unseen text
                         break
+            if not text:  # an answer with no visible text (one token of whitespace) still replaces the last one
+                yield ""
     except UserError as err:  # too long for the context, bad settings or conversation: this user's message only
         raise gr.Error(str(err), print_exception=False) from None
     except Exception as err:  # e.g. out of GPU memory: tell this user, keep serving the others
@@ -185,7 +188,7 @@ def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, s
         if not (message or "").strip():
             raise gr.Error("Type a message first.", print_exception=False)
         yield from answer_for(engine, stops, request,
-                              lambda: chat.render(chat_messages(system, history, message), add_generation_prompt=True),
+                              lambda: generator.render_chat(chat, chat_messages(system, history, message)),
                               Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
                               cut=lambda text: (text.strip(), False))
 
@@ -237,8 +240,10 @@ def launch(app, server_name: str, server_port: int, share: bool, auth, block: bo
               file=sys.stderr, flush=True)
     try:
         # quiet: Gradio's own banner tells users to `set share=True in launch()`; this project's flag is --share_gradio.
+        # _frontend=False: no check that the page answers within 3 s (a Colab test), which fails when clients
+        # arrive with the server (200 at once) and made it exit.
         result = app.launch(server_name=server_name, server_port=server_port, share=share, auth=auth, quiet=True,
-                            prevent_thread_lock=True, footer_links=["api", "gradio"],
+                            prevent_thread_lock=True, footer_links=["api", "gradio"], _frontend=False,
                             app_kwargs={"routes": routes} if routes else None)
     except OSError as err:
         raise UserError(f"cannot serve on {server_name}:{server_port} ({err}); pass another --server_port") from None

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Iterator, Optional
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
 from utils.cli import UserError
 from utils.prompts import Prompter, adapter_prompt_template, read_template
@@ -32,7 +34,8 @@ class Settings:
     max_new_tokens: int = 128
 
     def checked(self) -> "Settings":
-        """These settings with integer fields made integers (sliders send floats); a value that breaks its rule
+        """These settings with each field of its declared type: a browser sends any slider's value as an int or a
+        float (1 for 1.0, 40.0 for 40), and transformers refuses an int temperature. A value that breaks its rule
         (utils/checks.py, the same rules as the command-line flags) raises a one-line UserError."""
         from utils.checks import check_values
 
@@ -41,7 +44,8 @@ class Settings:
             if isinstance(value, float) and not value.is_integer():
                 raise UserError(f"{name} must be a whole number, not {value!r}")
         check_values(dataclasses.asdict(self), flag=False)
-        return dataclasses.replace(self, top_k=int(self.top_k), num_beams=int(self.num_beams),
+        return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
+                                   top_k=int(self.top_k), num_beams=int(self.num_beams),
                                    max_new_tokens=int(self.max_new_tokens))
 
     def generate_kwargs(self) -> dict:
@@ -85,7 +89,16 @@ class StopOnEvent(StoppingCriteria):
 
 
 class Generator:
-    """A loaded model, its tokenizer and prompt template, ready to answer (thread-safe: one per server)."""
+    """A loaded model, its tokenizer and prompt template, ready to answer (thread-safe: one per server).
+
+    User text goes into prompts through `render` and `render_chat`, which mark the special tokens a user typed
+    (transformers' mark_control_tokens) so that `token_ids` encodes them as plain text: only the templates' own
+    markers become special tokens, and no user can forge a turn by typing `<|im_start|>assistant`."""
+
+    # A fast tokenizer keeps its padding and split_special_tokens settings in one object that every call sets, so
+    # two threads tokenizing at once (the API's worker encodes, the engine decodes) can each get the other's
+    # settings. Every use of a tokenizer here holds this lock: tokenizing costs little next to a forward pass.
+    tokenizer_lock = threading.RLock()
 
     def __init__(self, model, tokenizer, prompter: Prompter):
         self.model = model.eval()
@@ -105,8 +118,12 @@ class Generator:
 
         now: warm it up and put it in use before returning, so that no request waits for the compiler. False: only
         a thread inside `compiled_here()` (a warm-up) uses it until `compiled` is set, which each forward pass reads
-        once: how a server puts it in use between two steps while it answers (serving.Engine.compile_in_background)."""
+        once: how a server puts it in use between two steps while it answers (serving.Engine.compile_in_background);
+        the calling thread then compiles at the lowest CPU priority (`lowest_priority`)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if not now:
+            lowest_priority()
 
         model = unwrapped(self.model)
         eager, on_cpu = model.forward, self.model.device.type == "cpu"
@@ -150,15 +167,54 @@ class Generator:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def render(self, instruction: str, input: str = "") -> str:
-        """The template's prompt for an instruction and optional input."""
-        return self.prompter.generate_prompt(instruction, input or None)
+        """The template's prompt for an instruction and optional input (a user's text: see `plain`)."""
+        return self.prompter.generate_prompt(self.plain(instruction), self.plain(input or "") or None)
+
+    def render_chat(self, chat, messages: list[dict]) -> str:
+        """The prompt for the answer to a conversation, rendered by `chat` (a utils.chat.ChatTemplate); every
+        message's text is a user's (see `plain`), the API's assistant and system turns included."""
+        return chat.render(mark_control_tokens(messages, self.special_tokens), add_generation_prompt=True)
+
+    def plain(self, text: str) -> str:
+        """`text` with the tokenizer's special tokens in it marked, so that `token_ids` encodes them as plain text."""
+        return mark_control_tokens(text, self.special_tokens)
+
+    @functools.cached_property
+    def special_tokens(self) -> re.Pattern:
+        """What `plain` marks: the tokenizer's special tokens, the longest first (as transformers matches them)."""
+        with self.tokenizer_lock:
+            tokens = [t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special]
+        return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """A rendered prompt's token ids, with the tokens the tokenizer adds itself (LLaMA's BOS); what `plain`
+        marked is plain text (transformers' encode_marked_chat)."""
+        with self.tokenizer_lock:
+            ids = encode_marked_chat(self.tokenizer, prompt)
+        before, after = self.added_around
+        return before + ids + after
+
+    @functools.cached_property
+    def added_around(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer adds before and after a text by itself (LLaMA's BOS), found around one letter."""
+        with self.tokenizer_lock:
+            around = self.tokenizer("a")["input_ids"]
+            bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(len(around)) if around[i:i + len(bare)] == bare)
+        return around[:start], around[start + len(bare):]
+
+    def decode(self, ids, **kwargs) -> str:
+        """tokenizer.decode under the tokenizer lock (also what TextStream's streamer calls)."""
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, **kwargs)
 
     def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
         """Left-padded input tensors on the model's device; a prompt that leaves no room for the answer raises."""
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        for length in enc["attention_mask"].sum(dim=1).tolist():
-            self.check_length(length, max_new_tokens)
-        return {k: v.to(self.model.device) for k, v in enc.items()}
+        rows = [torch.tensor(self.token_ids(prompt), dtype=torch.long) for prompt in prompts]
+        for row in rows:
+            self.check_length(len(row), max_new_tokens)
+        ids, mask = self.left_padded(rows)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def left_padded(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token id rows as one left-padded batch and its attention mask, as `encode` pads prompts."""
@@ -178,7 +234,16 @@ class Generator:
             )
 
     def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
+        return len(self.token_ids(prompt))
+
+    def within_context(self, prompt: str, settings: Settings) -> Settings:
+        """`settings` with max_new_tokens cut to the room the prompt leaves in the context: what the demo's slider,
+        which offers up to the whole context, can only mean. A prompt that leaves no room raises PromptTooLong."""
+        tokens, limit = self.prompt_tokens(prompt), self.context_length
+        if limit is None or tokens >= limit:
+            self.check_length(tokens, settings.max_new_tokens)
+            return settings
+        return dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, limit - tokens))
 
     def stream(self, prompt: str, settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> "TextStream":
         """Start generating from a rendered prompt in a background thread; iterate the result for text pieces.
@@ -217,7 +282,7 @@ class Generator:
             reason = "length"
         new = new[:end]
         return Completion(
-            text=self.tokenizer.decode(new, skip_special_tokens=True).strip(),
+            text=self.decode(new, skip_special_tokens=True).strip(),
             prompt_tokens=int(inputs["attention_mask"][index].sum()),
             completion_tokens=len(new),
             finish_reason=reason,
@@ -240,7 +305,8 @@ class TextStream:
 
     def __init__(self, generator: Generator, inputs: dict, settings: Settings, stop: threading.Event):
         self.generator, self.inputs, self.settings, self.stop_event = generator, inputs, settings, stop
-        self.streamer = TextIteratorStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        # The generator as the streamer's tokenizer: the streamer only calls decode, which then holds the lock.
+        self.streamer = TextIteratorStreamer(generator, skip_prompt=True, skip_special_tokens=True)
         self.error: Optional[BaseException] = None
         self.completion: Optional[Completion] = None  # set once the generation has finished
         self.thread = threading.Thread(target=self._generate, daemon=True)
@@ -278,6 +344,15 @@ class TextStream:
 def unwrapped(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lowest_priority() -> None:
+    """Run this thread, and the threads and compiler processes it starts from now on, only on CPU time that nothing
+    else wants (nice 19; on Linux a thread's own). A compile in the background shares the cores with the answers
+    being decoded: on 2 cores without native bf16 it took one from fp32 decoding for minutes
+    (benchmarks/bench_serving.py --at_start)."""
+    with contextlib.suppress(AttributeError, OSError):  # no per-thread priority (not Linux): compile as before
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def physical_cores() -> int:

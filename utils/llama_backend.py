@@ -104,7 +104,7 @@ class LlamaCppGenerator(Generator):
     def encode(self, prompts: list[str], max_new_tokens: int) -> dict:
         """The prompt's HF token ids (the engine takes one prompt at a time); too long for the context raises."""
         [prompt] = prompts
-        ids = self.tokenizer(prompt)["input_ids"]
+        ids = self.token_ids(prompt)
         self.check_length(len(ids), max_new_tokens)
         return {"input_ids": torch.tensor([ids])}
 

@@ -81,11 +81,11 @@ class Job:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def add(self, token: int, eos: set[int], tokenizer) -> Optional[str]:
+    def add(self, token: int, eos: set[int], decode: Callable[..., str]) -> Optional[str]:
         """Take the next token: the text grows (cut at a stop string); returns why the answer ends there, if it does.
         An EOS counts as a completion token, as the unbatched path counts it, but is not decoded."""
         self.tokens.append(token)
-        text = tokenizer.decode(self.tokens[:-1] if token in eos else self.tokens, skip_special_tokens=True)
+        text = decode(self.tokens[:-1] if token in eos else self.tokens, skip_special_tokens=True)
         cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
         with self._changed:
             self.text = text[:cut] if cut >= 0 else text
@@ -668,7 +668,7 @@ class Engine:
                 self._end(job, "cancelled")
                 continue
             try:
-                reason = job.add(next_token(job, logits), self.eos, self.generator.tokenizer)
+                reason = job.add(next_token(job, logits), self.eos, self.generator.decode)  # under the tokenizer's lock
             except RowFailed as err:
                 self._end(job, error=err)
                 continue
