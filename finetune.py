@@ -466,6 +466,10 @@ def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optiona
     # any machine.
     for config in trainer.model.peft_config.values():
         config.base_model_name_or_path = base_name
+        # PEFT keeps the targets as a set, whose order changes from process to process: sorted, a resumed run's
+        # config is byte-identical to the earlier one's, so publishing it never leaves a moment without an adapter.
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     base = trainer.model.get_base_model()
     base.name_or_path = base.config._name_or_path = base_name
 

@@ -141,7 +141,7 @@ def test_every_field_is_answered_at_its_bounds(gen, url, field):
 
 
 @pytest.mark.parametrize("field, message", [
-    (dict(temperature=-0.01), "temperature must be at least 0"), (dict(top_p=0), "top_p must be above 0"),
+    (dict(temperature=-0.01), "temperature must be 0 for greedy or at least 0.001"), (dict(top_p=0), "top_p must be above 0"),
     (dict(top_p=1.01), "top_p must be above 0 and at most 1"), (dict(max_tokens=0), "must be at least 1"),
     (dict(max_tokens=API.max_tokens + 1), f"this server allows at most {API.max_tokens}"),
 ])
