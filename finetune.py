@@ -348,17 +348,22 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     arguments already built from `settings` (finetune.py builds them before the model loads)."""
     from transformers import Trainer
 
-    from utils.distributed import memory_callback
+    from utils import loss
+    from utils.distributed import memory_callback, sharding
     from utils.metrics import LossGuard, ProgressReport
     from utils.training import data_collator
 
     args = args or training_arguments(out, device, val_data is not None, settings)
+    collator, loss_func = data_collator(tokenizer, settings.packing, model.config), None
+    if loss.applies(model, sharded=bool(sharding(device))):  # the head and loss chunk by chunk: no full-size logits
+        collator, loss_func = loss.HiddenStatesCollator(collator), loss.TrainerLoss(model)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
-        data_collator=data_collator(tokenizer, settings.packing, model.config),
+        data_collator=collator,
+        compute_loss_func=loss_func,
         callbacks=[LossGuard(), *filter(None, [memory_callback()])],  # each rank's memory, when asked for (tests)
     )
     # First in line, so the tokens/s it adds to a log line is printed with it.
