@@ -24,6 +24,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     trained) computed chunk by chunk in the forward pass."""
 
     @staticmethod
+    @torch.profiler.record_function("head_cross_entropy")  # named in profiles (benchmarks/bench_train.py)
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, need_grad: bool):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
