@@ -14,7 +14,9 @@ from typing import Optional
 import torch
 
 IGNORE = -100
-CHUNK_TOKENS = 256  # 48 MiB of fp32 logits at a 49K vocabulary: big enough for a fast matmul
+# A chunk's fp32 logits stay under 32 MiB, the largest block glibc keeps for reuse once freed: a larger one is mapped
+# afresh at every allocation, and each of its pages faulted in (zero-filled) again. 128 tokens at a 49K vocabulary.
+CHUNK_BYTES = 24 * 2**20
 # Config fields of models whose logits are more than head(hidden): those keep the model's own loss.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -29,8 +31,9 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight) if need_grad and weight.requires_grad else None
-        for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-            h, y = hidden[start:start + CHUNK_TOKENS], labels[start:start + CHUNK_TOKENS]
+        chunk = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
             log_probs = torch.log_softmax((h @ weight.T).float(), dim=-1)  # one fused pass over the chunk
             valid = (y != IGNORE).unsqueeze(1)
             target = y.clamp(min=0).unsqueeze(1)
@@ -40,7 +43,7 @@ class HeadCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
                 probs = probs.to(weight.dtype)
                 # Ignored tokens have no gradient: zeroing the (tokens x hidden) product costs less than the probs.
-                grad_hidden[start:start + CHUNK_TOKENS] = (probs @ weight).mul_(valid)
+                grad_hidden[start:start + chunk] = (probs @ weight).mul_(valid)
                 if grad_weight is not None:
                     grad_weight += probs.T @ (h * valid)
         ctx.save_for_backward(grad_hidden, grad_weight)
