@@ -30,8 +30,9 @@ def test_profile_accounts_for_the_whole_step_by_op_class(tiny_model):
                 tokenizer=str(tiny_model), base_model=str(tiny_model), packing=True, bf16=False, profile=True)
     profile = bench_train.run_recipe(spec)["profile"]
     seconds = {name: value["s"] for name, value in profile["classes"].items()}
-    for busy in ("matmuls", "attention", "output head + loss", "norms, activations, elementwise", "optimizer"):
+    for busy in ("matmuls", "attention", "output head + loss", "norms, activations, elementwise"):
         assert seconds[busy] > 0, busy
+    assert {"optimizer", "data collation", "Python and host"} <= set(seconds)  # a tiny model's take well under 10 ms
     assert sum(seconds.values()) == pytest.approx(profile["wall_s"], abs=0.05)
 
 
