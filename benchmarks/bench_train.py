@@ -464,10 +464,13 @@ def measure_ceiling(report: dict, common: dict, tokenizer) -> None:
     report["roofline"] = matmul_roofline(config, rows)
     print(f"matmul GFLOP/s at the step's shapes: {report['roofline']['gflops']}; fp32 ceiling "
           f"{report['roofline']['ceiling']['tokens_per_s']} real tokens/s", flush=True)
-    spec = dict(common, **CPU_RECIPES["packed-fp32"], name="profile", steps=1, profile=True)
-    r = with_load(lambda: run_in_subprocess(spec))
-    report["profile_fp32"] = dict(recipe="packed-fp32", **r["profile"], load_average=r["load_average"])
-    print(f"fp32 step profile: {report['profile_fp32']['classes']}", flush=True)
+    # Also on one thread: on a shared machine another job stalls every parallel region of a multi-threaded step
+    # (each thread waits for the others), which inflates the many small ops far more than the matmuls.
+    for key, threads in (("profile_fp32", common["threads"]), ("profile_fp32_1thread", 1)):
+        spec = dict(common, **CPU_RECIPES["packed-fp32"], name="profile", steps=1, profile=True, threads=threads)
+        r = with_load(lambda: run_in_subprocess(spec))
+        report[key] = dict(recipe="packed-fp32", **r["profile"], load_average=r["load_average"])
+        print(f"fp32 step profile, {r['profile']['threads']} thread(s): {report[key]['classes']}", flush=True)
 
 
 def share_of_ceiling(report: dict) -> dict:

@@ -3,7 +3,7 @@ tokens at a time, with the gradient to the hidden states computed in the same pa
 
 The model's own loss keeps a (tokens x vocabulary) fp32 logits tensor, its log-softmax and their gradients: with
 SmolLM2's 49,152-token vocabulary, 200 MB each for a row of 1,024 tokens, written and read again in the backward.
-Here each chunk's logits become its softmax in place, and its gradient to the hidden states (softmax minus the
+Here each chunk's log-softmax becomes its softmax in place, and its gradient to the hidden states (softmax minus the
 one-hot label, times the head) is kept instead: tokens x hidden, not tokens x vocabulary. The sums are the same
 cross-entropy transformers computes (`ForCausalLMLoss`: labels shifted by one, -100 ignored, logits upcast to fp32,
 summed and divided by the Trainer's count of label tokens), in another order.
