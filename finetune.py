@@ -386,19 +386,24 @@ def build_trainer(model, tokenizer, train_data, val_data, out: Path, device: str
     utils.checkpoints.CheckpointKeeper of a run."""
     from transformers import Trainer
 
-    from utils.distributed import memory_callback
+    from utils import loss
+    from utils.distributed import memory_callback, sharding
     from utils.metrics import LossGuard, ProgressReport
     from utils.methods import loraplus_optimizer
     from utils.training import data_collator
 
     args = args or training_arguments(out, device, val_data is not None, settings)
     ratio = settings.loraplus_lr_ratio
+    collator, loss_func = data_collator(tokenizer, settings.packing, model.config), None
+    if loss.applies(model, sharded=bool(sharding(device))):  # the head and loss chunk by chunk: no full-size logits
+        collator, loss_func = loss.HiddenStatesCollator(collator), loss.TrainerLoss(model)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=val_data,
-        data_collator=data_collator(tokenizer, settings.packing, model.config),
+        data_collator=collator,
+        compute_loss_func=loss_func,
         callbacks=[LossGuard(), *filter(None, [memory_callback(), keeper])],  # memory: each rank's, when asked for (tests)
         optimizers=(loraplus_optimizer(model, args, ratio) if ratio else None, None),  # the Trainer's scheduler
     )

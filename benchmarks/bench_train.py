@@ -94,23 +94,53 @@ def time_data_prep(tokenizer, n_records: int, cutoff_len: int) -> dict:
                 speedup=round((t1 - t0) / (t2 - t1), 2), same_tokens=same)
 
 
-def matmul_roofline(tokens: int = 1024, hidden: int = 576, widths=(576, 1536, 49152), seconds: float = 0.5) -> dict:
-    """GFLOP/s of this CPU's matmuls at a training step's shapes (tokens x hidden -> width: attention, MLP and
-    output head of the embedded model), in fp32 and bf16: the ceiling a training step can reach."""
+def step_matmuls(config: dict) -> dict:
+    """The frozen weights a LoRA step multiplies by, as {name: (in, out, times per token)}: each once forward and
+    once backward to its input (frozen weights need no weight gradient)."""
+    d, ff, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = d * config.get("num_key_value_heads", config["num_attention_heads"]) // config["num_attention_heads"]
+    return {"q_proj, o_proj": (d, d, 2 * layers), "k_proj, v_proj": (d, kv, 2 * layers),
+            "gate_proj, up_proj": (d, ff, 2 * layers), "down_proj": (ff, d, layers), "lm_head": (d, config["vocab_size"], 1)}
+
+
+def matmul_rate(run, flops: float, seconds: float, bursts: int = 6) -> float:
+    """GFLOP/s of run() (one matmul of `flops`) after a first call (kernel selection): the best of `bursts` bursts
+    lasting `seconds` in all, since on a shared machine another job slows some of them, never speeds one up."""
+    run()
+    best = 0.0
+    for _ in range(bursts):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / bursts:
+            run()
+            n += 1
+        best = max(best, flops * n / (time.perf_counter() - t0))
+    return round(best / 1e9, 1)
+
+
+def matmul_roofline(config: dict, rows: int, seconds: float = 0.6) -> dict:
+    """This CPU's matmul GFLOP/s at a training step's shapes, forward (rows x in -> out, as nn.Linear computes it)
+    and backward to the input (rows x out -> in), in fp32 and bf16; and the fp32 ceiling they set: the real tokens/s
+    of a step that did nothing but its matmuls at these rates."""
     import torch
 
-    out = {}
+    rates = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for width in widths:
-            a, b = torch.randn(tokens, hidden, dtype=dtype), torch.randn(hidden, width, dtype=dtype)
-            a @ b  # first call: oneDNN/MKL pick and prepare their kernel
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                a @ b
-                n += 1
-            out[f"{str(dtype).removeprefix('torch.')} {tokens}x{hidden}x{width}"] = round(
-                2 * tokens * hidden * width * n / (time.perf_counter() - t0) / 1e9, 1)
-    return out
+        for name, (d_in, d_out, _) in step_matmuls(config).items():
+            x, grad = torch.randn(rows, d_in, dtype=dtype), torch.randn(rows, d_out, dtype=dtype)
+            w = torch.randn(d_out, d_in, dtype=dtype)
+            flops = 2 * rows * d_in * d_out
+            rates[f"{str(dtype).removeprefix('torch.')} {name}"] = dict(
+                shape=f"{rows}x{d_in}x{d_out}", forward=matmul_rate(lambda: torch.nn.functional.linear(x, w), flops, seconds),
+                backward=matmul_rate(lambda: grad @ w, flops, seconds))
+    return dict(rows=rows, gflops=rates, ceiling=ceiling(config, rates, "float32"), ceiling_bf16=ceiling(config, rates, "bfloat16"))
+
+
+def ceiling(config: dict, rates: dict, dtype: str) -> dict:
+    """Seconds per token of the matmuls alone, each at its measured rate, and the tokens/s that allows."""
+    seconds = sum(times * 2 * d_in * d_out / (rates[f"{dtype} {name}"][way] * 1e9)
+                  for name, (d_in, d_out, times) in step_matmuls(config).items() for way in ("forward", "backward"))
+    flops = sum(times * 4 * d_in * d_out for d_in, d_out, times in step_matmuls(config).values())
+    return dict(matmul_flops_per_token=flops, matmul_ms_per_token=round(seconds * 1e3, 3), tokens_per_s=round(1 / seconds, 1))
 
 
 def llama_checkpoint(size: str, vocab_size: int, work_dir: Path, dtype) -> Path:
@@ -143,6 +173,17 @@ def flops_per_token(config, context: float) -> float:
     return 4 * n + 6 * layers * d * context
 
 
+def bench_records(spec: dict, tokenizer):
+    """The records every recipe trains on: the shuffled sample's first batch_size x (warmup + steps), tokenized."""
+    from utils.data import load_records, tokenize_records
+    from utils.prompts import Prompter
+
+    records = load_records(str(REPO / "data" / "alpaca_en_demo.json"))
+    random.Random(spec["seed"]).shuffle(records)
+    n_records = spec["batch_size"] * (spec["steps"] + spec["warmup"])
+    return tokenize_records(records[:n_records], tokenizer, Prompter("alpaca"), spec["cutoff_len"], True, True)
+
+
 def build_trainer(spec: dict, world: int) -> tuple:
     """finetune.py's model, adapter and Trainer for one recipe, on the first records of the shuffled sample."""
     from unittest import mock
@@ -151,8 +192,6 @@ def build_trainer(spec: dict, world: int) -> tuple:
 
     import finetune
     from utils import models, packing
-    from utils.data import load_records, tokenize_records
-    from utils.prompts import Prompter
     from utils.training import TrainSettings
 
     if spec.get("threads"):
@@ -160,10 +199,7 @@ def build_trainer(spec: dict, world: int) -> tuple:
     torch.manual_seed(spec["seed"])
     device = models.pick_device("auto")
     tokenizer = models.load_tokenizer(spec["tokenizer"])
-    records = load_records(str(REPO / "data" / "alpaca_en_demo.json"))
-    random.Random(spec["seed"]).shuffle(records)
-    n_records = spec["batch_size"] * (spec["steps"] + spec["warmup"])
-    data = tokenize_records(records[:n_records], tokenizer, Prompter("alpaca"), spec["cutoff_len"], True, True)
+    data = bench_records(spec, tokenizer)
 
     # The original ran fp16 on GPUs; pretending bf16 is missing makes load_model and build_trainer choose fp16
     # (with the Trainer's loss scaling), exactly as they do on a V100 or T4.
@@ -218,6 +254,71 @@ def clock_steps(trainer, device: str) -> list:
     return marks
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# Names of the ops (or of the ranges and autograd nodes above them) that belong to each class; the first match wins.
+OP_CLASSES = {"optimizer": ("Optimizer.",), "data collation": ("collate",),
+              "output head + loss": ("head_cross_entropy", "cross_entropy", "log_softmax", "nll_loss", "LogSoftmax",
+                                     "NllLoss"),
+              "attention": ("scaled_dot_product", "ScaledDotProduct")}
+
+
+def op_class(event, vocab_size: int) -> str:
+    """The class of one profiled op: by its own name and those of the ranges above it; a matmul with the
+    vocabulary in its shapes is the output head."""
+    names, parent = [], event
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    for name, marks in OP_CLASSES.items():
+        if any(mark in n for n in names for mark in marks):
+            return name
+    if event.name in MATMULS:
+        shapes = [dim for shape in event.input_shapes if isinstance(shape, list) for dim in shape]
+        return "output head + loss" if vocab_size in shapes else "matmuls"
+    return "norms, activations, elementwise"
+
+
+def profile_step(trainer, step: int, vocab_size: int, result: dict) -> None:
+    """Profile optimizer step `step` (from the end of the one before: its batches' collation included) and put each
+    op class's seconds in result["classes"]; what no op covers is Python and host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import TrainerCallback
+
+    collator = trainer.data_collator
+
+    def collate(features):
+        with record_function("collate"):
+            return collator(features)
+
+    trainer.data_collator = collate
+    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+
+    class StepProfiler(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step - 1:
+                prof.__enter__()
+                self.start = time.perf_counter()
+            elif state.global_step == step:
+                wall = time.perf_counter() - self.start
+                prof.__exit__(None, None, None)
+                totals = dict.fromkeys([*OP_CLASSES, "matmuls", "norms, activations, elementwise"], 0.0)
+                ops = {}
+                for event in prof.events():
+                    kind = op_class(event, vocab_size)
+                    totals[kind] += event.self_cpu_time_total / 1e6
+                    ops[event.name, kind] = ops.get((event.name, kind), 0) + event.self_cpu_time_total / 1e6
+                totals["Python and host"] = wall - sum(totals.values())
+                # Time in matmuls (the layers' and the head's) over the step's: the share of its matmul ceiling the
+                # step reaches, measured in one run, whatever the machine's load does to both.
+                matmul_s = sum(v for (op, _), v in ops.items() if op in MATMULS)
+                result.update(wall_s=round(wall, 2), threads=torch.get_num_threads(), matmul_share=round(matmul_s / wall, 3), classes={
+                    k: dict(s=round(v, 2), share=round(v / wall, 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+                    top_ops=[dict(op=op, op_class=kind, s=round(v, 2)) for (op, kind), v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]])
+
+    trainer.add_callback(StepProfiler())
+
+
 def run_recipe(spec: dict) -> dict:
     """Train spec['warmup'] + spec['steps'] optimizer steps with finetune.py's Trainer and measure the timed ones."""
     import torch
@@ -225,6 +326,9 @@ def run_recipe(spec: dict) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun: DDP, each rank runs a share of every batch
     trainer, model, data, device = build_trainer(spec, world)
     marks = clock_steps(trainer, device)
+    profiled = {}
+    if spec.get("profile"):
+        profile_step(trainer, spec["warmup"] + 1, model.config.vocab_size, profiled)
     if spec.get("original_compile"):  # the original's line: it compiles a wrapper the Trainer never calls
         torch.compile(model)
     if device == "cuda":
@@ -248,6 +352,8 @@ def run_recipe(spec: dict) -> dict:
         attention=model.config._attn_implementation,
         compiled_graphs=int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),  # 0: nothing ran compiled
     )
+    if profiled:
+        result["profile"] = profiled
     context = sum(len(x) for x in data["input_ids"]) / len(data)  # the mean span causal attention covers
     return dict(result, **work_done(model.config, device, context, result["tokens_per_s"], spec.get("peak_flops")))
 
@@ -347,6 +453,33 @@ def run_rounds(names: list[str], table: dict, common: dict, rounds: int, report:
             write(output, report)
 
 
+def measure_ceiling(report: dict, common: dict, tokenizer) -> None:
+    """The fp32 matmul ceiling at the step's shapes (rows: a packed micro-batch's mean real tokens) and a profile
+    of one fp32 step by op class, into the report."""
+    from utils.models import read_config, resolve_base_model
+
+    data = bench_records(common, tokenizer)
+    rows = round(sum(len(x) for x in data["input_ids"]) * common["micro_batch"] / len(data))
+    config = read_config(common["base_model"] or resolve_base_model(None))
+    report["roofline"] = matmul_roofline(config, rows)
+    print(f"matmul GFLOP/s at the step's shapes: {report['roofline']['gflops']}; fp32 ceiling "
+          f"{report['roofline']['ceiling']['tokens_per_s']} real tokens/s", flush=True)
+    # Also on one thread: on a shared machine another job stalls every parallel region of a multi-threaded step
+    # (each thread waits for the others), which inflates the many small ops far more than the matmuls.
+    for key, threads in (("profile_fp32", common["threads"]), ("profile_fp32_1thread", 1)):
+        spec = dict(common, **CPU_RECIPES["packed-fp32"], name="profile", steps=1, profile=True, threads=threads)
+        r = with_load(lambda: run_in_subprocess(spec))
+        report[key] = dict(recipe="packed-fp32", **r["profile"], load_average=r["load_average"])
+        print(f"fp32 step profile, {r['profile']['threads']} thread(s): {report[key]['classes']}", flush=True)
+
+
+def share_of_ceiling(report: dict) -> dict:
+    """Each fp32 recipe's real tokens/s as a share of the fp32 matmul ceiling."""
+    ceiling = report["roofline"]["ceiling"]["tokens_per_s"]
+    return {name: dict(end_to_end=round(r["end_to_end_tokens_per_s"] / ceiling, 3), steady=round(r["tokens_per_s"] / ceiling, 3))
+            for name, r in report["results"].items() if r["dtype"] == "float32"}
+
+
 def check(recipes: str, table: dict, **values) -> None:
     """Every flag's value, before any work: a UserError naming the first one out of range."""
     from utils.checks import check_values
@@ -419,8 +552,7 @@ def main(recipes: str = "", steps: int = 3, warmup: int = 1, batch_size: int = 1
                   lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj")
     if not gpu:
         report["isa_limits"] = {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}  # e.g. an AVX2-only run
-        report["matmul_gflops"] = matmul_roofline()
-        print(f"matmul GFLOP/s at the step's shapes: {report['matmul_gflops']}", flush=True)
+        measure_ceiling(report, common, tokenizer)
     if prep_records:
         report["data_prep"] = p = time_data_prep(tokenizer, prep_records, cutoff_len)
         print(f"data preparation, {p['records']} records: original per-record map {p['reference_s']} s, "
@@ -428,6 +560,9 @@ def main(recipes: str = "", steps: int = 3, warmup: int = 1, batch_size: int = 1
     output = Path(output or REPO / "benchmarks" / "results" / f"{report['machine']}.json")
     names = recipes.split(",") if recipes else (list(GPU_RECIPES) if gpu else CPU_DEFAULT)
     run_rounds(names, table, common, rounds, report, output, smoke)
+    if "roofline" in report:
+        report["roofline"]["share_of_ceiling"] = share_of_ceiling(report)
+        write(output, report)
     print(f"wrote {output}")
 
 

@@ -26,6 +26,28 @@ def test_recipe_counts_real_tokens_and_padding(tiny_model, packing):
     assert 0 < r["mfu"] < 1
 
 
+def test_profile_accounts_for_the_whole_step_by_op_class(tiny_model):
+    spec = dict(steps=1, warmup=1, batch_size=8, micro_batch=4, cutoff_len=400, seed=42, threads=0,
+                tokenizer=str(tiny_model), base_model=str(tiny_model), packing=True, bf16=False, profile=True)
+    profile = bench_train.run_recipe(spec)["profile"]
+    seconds = {name: value["s"] for name, value in profile["classes"].items()}
+    for busy in ("matmuls", "attention", "output head + loss", "norms, activations, elementwise"):
+        assert seconds[busy] > 0, busy
+    assert {"optimizer", "data collation", "Python and host"} <= set(seconds)  # a tiny model's take well under 10 ms
+    assert sum(seconds.values()) == pytest.approx(profile["wall_s"], abs=0.05)
+
+
+def test_ceiling_adds_up_each_matmul_at_its_own_rate():
+    config = dict(hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=16)
+    matmuls = bench_train.step_matmuls(config)
+    rates = {f"float32 {name}": dict(forward=1.0, backward=0.5) for name in matmuls}  # GFLOP/s
+    flops = 4 * (2 * 2 * 4 * 4 + 2 * 2 * 4 * 2 + 2 * 2 * 4 * 8 + 2 * 8 * 4 + 4 * 16)  # k/v: 1 KV head of 2 = 2 wide
+    ceiling = bench_train.ceiling(config, rates, "float32")
+    assert ceiling["matmul_flops_per_token"] == flops
+    assert ceiling["tokens_per_s"] == pytest.approx(1e9 / (flops / 2 * (1 + 2)), rel=1e-3)
+
+
 def test_ddp_recipe_counts_the_tokens_of_every_rank(tiny_model):
     """--scaling's 2-process run: two torchrun ranks (gloo) train the same global batches as one process."""
     spec = dict(steps=1, warmup=1, batch_size=8, micro_batch=4, cutoff_len=400, seed=42, threads=1,

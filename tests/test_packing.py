@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tiny import ALPACA
+from utils import loss
 from utils.data import tokenize_records
 from utils.models import load_tokenizer
 from utils.packing import NAME
@@ -43,6 +44,34 @@ def test_packed_loss_equals_padded_loss(fixture, train_on_inputs, attention, req
     loss_packed, grad_packed = loss_and_grad(model, packed)
     assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
     torch.testing.assert_close(grad_packed, grad_padded, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_gqa_model"])
+def test_default_loss_equals_the_originals_in_fp32(fixture, request, monkeypatch):
+    """The default's loss (packed rows, the head and cross-entropy a chunk of tokens at a time: utils.loss) equals
+    the original's (padded batches, full logits, the model's own loss) in fp32: value and gradients."""
+    path = str(request.getfixturevalue(fixture))
+    tokenizer = load_tokenizer(path)
+    rows = tokenize_records(json.loads(ALPACA.read_text())[:6], tokenizer, Prompter("alpaca"), 200, True, True).to_list()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=NAME, dtype=torch.float32)
+    model.config.use_cache = False
+    assert loss.applies(model, sharded=False)
+    packed = loss.HiddenStatesCollator(data_collator(tokenizer, packing=True, model_config=model.config))(rows)
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 64 * 4 * model.config.vocab_size)  # 64 tokens a chunk, as a big vocabulary gets
+    assert packed["input_ids"].shape[1] > 3 * 64  # several chunks, the last one partial
+    labels = packed.pop("labels")
+    items = (labels[:, 1:] != -100).sum()  # the Trainer's count of label tokens over the accumulated batch
+
+    model.zero_grad()
+    outputs = model(**packed)
+    assert outputs.logits.numel() == 0  # no logits computed, let alone kept
+    chunked = loss.TrainerLoss(model)(outputs, labels, num_items_in_batch=items)
+    chunked.backward()
+    grad_chunked = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    padded = data_collator(tokenizer, packing=False, model_config=model.config)(rows)
+    loss_padded, grad_padded = loss_and_grad(model, {**padded, "num_items_in_batch": items})
+    assert chunked.item() == pytest.approx(loss_padded, abs=1e-5)
+    torch.testing.assert_close(grad_chunked, grad_padded, atol=1e-6, rtol=1e-4)
 
 
 def test_packed_rows_need_no_kv_cache(tiny_model):

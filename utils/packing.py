@@ -23,22 +23,34 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     """Causal SDPA over each record of a packed row (record starts in `cu_seq_lens_q`, which
     DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds to the batch); SDPA with the mask otherwise."""
     starts = kwargs.get("cu_seq_lens_q")
-    bounds = starts.tolist() if starts is not None and query.shape[0] == 1 else []
+    lengths = record_lengths(starts) if starts is not None and query.shape[0] == 1 else []
     window = kwargs.get("sliding_window")  # a sliding-window layer narrower than a record needs the model's own mask
-    if not bounds or (window and window < max(b - a for a, b in zip(bounds, bounds[1:]))):
+    if not lengths or (window and window < max(lengths)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: fewer key/value heads, shared by SDPA itself
     # On a CPU the fused kernel runs faster in fp32 than in bf16 at record lengths, and is no less precise: bf16
     # models attend in fp32.
     upcast = query.device.type == "cpu" and query.dtype == torch.bfloat16
     q, k, v = (x.float() for x in (query, key, value)) if upcast else (query, key, value)
+    # split, not one slice per record: its backward is one cat, where each slice's backward would fill a zero
+    # tensor of the whole row.
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
-        for a, b in zip(bounds, bounds[1:])
+            q_, k_, v_, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+        for q_, k_, v_ in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))
     ]
     out = torch.cat(outputs, dim=2).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None  # (batch, tokens, heads, head_dim)
+
+
+_last_starts: list = [None, []]  # (record starts, their lengths): every layer of a forward pass gets the same tensor
+
+
+def record_lengths(starts: torch.Tensor) -> list[int]:
+    """The records' lengths from their starts, read from the tensor once per forward pass rather than once a layer."""
+    if _last_starts[0] is not starts:
+        _last_starts[:] = [starts, torch.diff(starts).tolist()]
+    return _last_starts[1]
 
 
 def supports(config: dict) -> bool:
