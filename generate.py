@@ -218,7 +218,7 @@ def answer_records(generator, records: list[dict], settings, batch_size: int, ou
     With `plain` (a single --instruction and no --output_file) print only the answer text."""
     from utils.generation import PromptTooLong
 
-    with open(output_file, "w", encoding="utf-8") if output_file else contextlib.nullcontext(sys.stdout) as out:
+    with answers_output(output_file) as out:
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
             prompts = [generator.render(r["instruction"], r.get("input", "")) for r in batch]
@@ -239,6 +239,21 @@ def answer_records(generator, records: list[dict], settings, batch_size: int, ou
                 print(result["response"] if plain else json.dumps({**record, **result}, ensure_ascii=False), file=out, flush=True)
             if len(records) > 1:
                 print(f"answered {min(start + batch_size, len(records))}/{len(records)}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def answers_output(output_file: str):
+    """stdout, or output_file written durably (utils.durable): a run that fails or is killed part way leaves the
+    earlier file whole, and the next run removes what it left."""
+    if not output_file:
+        yield sys.stdout
+        return
+    from utils import durable
+
+    target = Path(output_file)
+    durable.sweep(target.parent, target.name)
+    with durable.durable_file(target) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        yield out
 
 
 if __name__ == "__main__":

@@ -403,6 +403,29 @@ def test_output_file_is_replaced_only_with_overwrite(tiny_model, tmp_path, monke
     assert "response" in json.loads(out.read_text())
 
 
+def test_answers_that_fail_part_way_leave_the_earlier_file_whole(tiny_model, tmp_path, monkeypatch, no_server):
+    """The answers file is written durably: a failure after the first batch leaves yesterday's file as it was, and
+    no temporary file behind."""
+    questions, out = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
+    questions.write_text("\n".join(json.dumps({"instruction": f"Name colour {i}."}) for i in range(3)))
+    out.write_text("yesterday's answers\n")
+    calls = []
+    original = generate.first_answer
+
+    def fail_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "first_answer", fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        generate.main(base_model=str(tiny_model), input_file=str(questions), output_file=str(out), overwrite=True,
+                      temperature=0, max_new_tokens=4, batch_size=1)
+    assert out.read_text() == "yesterday's answers\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl", "questions.jsonl"]
+
+
 def test_quick_start_command_prints_the_answer(tiny_model, adapter):
     """The README's form: `python generate.py --lora_weights DIR --instruction "..."` prints the answer on stdout."""
     result = subprocess.run(
