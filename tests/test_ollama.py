@@ -128,12 +128,13 @@ def test_an_instruction_adapter_is_served_in_its_training_prompt(tmp_path, qwen_
 
 
 def test_a_conversation_adapter_trained_in_the_tokenizers_template_keeps_it(tmp_path, qwen_tokenizer):
-    """Conversations trained with finetune.py's default chat template (the tokenizer's) record chat_template "":
-    the Modelfile renders the tokenizer's template, not an instruction template's."""
+    """Conversations trained with finetune.py's default chat template (the tokenizer's) record chat_template "" and
+    conversations true: the Modelfile renders the tokenizer's template, not an instruction template's."""
     from tiny import REPO
 
     data = REPO / "data" / "fastchat_dummy_conversation.json"
-    adapter = adapter_record(tmp_path / "chat", data_path=str(data), prompt_template_name="alpaca", chat_template="")
+    adapter = adapter_record(tmp_path / "chat", data_path=str(data), prompt_template_name="alpaca", chat_template="",
+                             conversations=True)
     message = "Name three colours."
     expected = load_chat_template("tokenizer", qwen_tokenizer).render([{"role": "user", "content": message}],
                                                                        add_generation_prompt=True)
