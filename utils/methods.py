@@ -55,9 +55,9 @@ def check_methods(a: dict, quantization: str, sharded: bool, warm_start: Optiona
 def check_checkpoint_method(checkpoint: str, a: dict) -> None:
     """A Trainer checkpoint resumes only with the method it was trained with (another would load its weights into
     other layers or scale them otherwise)."""
-    if not (Path(checkpoint) / "adapter_config.json").is_file():
-        return  # an FSDP checkpoint: no adapter config to compare with
     config = adapter_config(checkpoint)
+    if not config:
+        return  # an FSDP checkpoint: no adapter config to compare with
     fields = lora_fields(a["use_dora"], a["use_rslora"], a["init_lora_weights"])
     flag_value = {"init_lora_weights": {v: k for k, v in INITS.items()}}
     for key, value in fields.items():
@@ -113,9 +113,7 @@ def adapter_config(lora_weights: str) -> dict:
 
 def check_llamacpp(lora_weights: str) -> None:
     """What llama.cpp cannot apply as a GGUF LoRA, refused in one line before any conversion."""
-    if not lora_weights or not (Path(lora_weights).expanduser() / "adapter_config.json").is_file():
-        return
-    config = adapter_config(lora_weights)
+    config = adapter_config(lora_weights)  # {} for no adapter, or one not on this machine
     if config.get("use_dora"):
         raise UserError(f"{lora_weights} is a DoRA adapter: llama.cpp cannot apply its magnitude vector as a LoRA; "
                         "merge it into the base instead (export_gguf.py without --adapter_only)")
