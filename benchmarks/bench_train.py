@@ -312,9 +312,10 @@ def profile_step(trainer, step: int, vocab_size: int, result: dict) -> None:
                 # Time in matmuls (the layers' and the head's) over the step's: the share of its matmul ceiling the
                 # step reaches, measured in one run, whatever the machine's load does to both.
                 matmul_s = sum(v for (op, _), v in ops.items() if op in MATMULS)
-                result.update(wall_s=round(wall, 2), threads=torch.get_num_threads(), matmul_share=round(matmul_s / wall, 3), classes={
-                    k: dict(s=round(v, 2), share=round(v / wall, 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-                    top_ops=[dict(op=op, op_class=kind, s=round(v, 2)) for (op, kind), v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]])
+                # Four decimals: a small model's loss or optimizer takes milliseconds, which two would round to 0.
+                result.update(wall_s=round(wall, 4), threads=torch.get_num_threads(), matmul_share=round(matmul_s / wall, 3), classes={
+                    k: dict(s=round(v, 4), share=round(v / wall, 3)) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+                    top_ops=[dict(op=op, op_class=kind, s=round(v, 4)) for (op, kind), v in sorted(ops.items(), key=lambda kv: -kv[1])[:15]])
 
     trainer.add_callback(StepProfiler())
 
