@@ -194,9 +194,8 @@ def check_run(a: dict) -> Plan:
     methods.check_methods(a, quantization, bool(shard), warm_start)
     if checkpoint or warm_start:
         lora = {flag: a[flag] for flag in ("lora_r", "lora_alpha", "lora_dropout")}
-        training.check_lora_matches(checkpoint or warm_start, lora, target_modules)
-    if checkpoint:
-        methods.check_checkpoint_method(checkpoint, a)
+        method = methods.lora_fields(a["use_dora"], a["use_rslora"], a["init_lora_weights"]) if checkpoint else None
+        training.check_lora_matches(checkpoint or warm_start, lora, target_modules, method)
     base_model = models.choose_base_model(a["base_model"], checkpoint or warm_start)
     base_path = models.resolve_base_model(base_model)
     models.check_cutoff_len(base_path, a["cutoff_len"])

@@ -52,20 +52,6 @@ def check_methods(a: dict, quantization: str, sharded: bool, warm_start: Optiona
             raise UserError(message)
 
 
-def check_checkpoint_method(checkpoint: str, a: dict) -> None:
-    """A Trainer checkpoint resumes only with the method it was trained with (another would load its weights into
-    other layers or scale them otherwise)."""
-    config = adapter_config(checkpoint)
-    if not config:
-        return  # an FSDP checkpoint: no adapter config to compare with
-    fields = lora_fields(a["use_dora"], a["use_rslora"], a["init_lora_weights"])
-    flag_value = {"init_lora_weights": {v: k for k, v in INITS.items()}}
-    for key, value in fields.items():
-        if config.get(key, value) != value:
-            trained = flag_value.get(key, {}).get(config[key], config[key])
-            raise UserError(f"checkpoint {checkpoint} was trained with --{key} {trained}: pass the same to resume it")
-
-
 def lora_fields(use_dora: bool, use_rslora: bool, init_lora_weights: str) -> dict:
     """The LoraConfig fields of the method."""
     return dict(use_dora=use_dora, use_rslora=use_rslora, init_lora_weights=INITS[init_lora_weights])

@@ -171,10 +171,13 @@ def resolve_resume(resume_from_checkpoint: Union[None, bool, str], output_dir: P
     raise UserError(f"--resume_from_checkpoint {path} holds neither a Trainer checkpoint nor an adapter")
 
 
-def check_lora_matches(adapter: str, lora: dict, target_modules: list[str]) -> None:
+def check_lora_matches(adapter: str, lora: dict, target_modules: list[str], method: Optional[dict] = None) -> None:
     """Resuming or warm-starting continues the adapter's own LoRA layers: a differing --lora_r, --lora_alpha (which
     would rescale the trained weights), --lora_dropout or --lora_target_modules is refused, naming the value to pass.
-    `lora`: lora_r, lora_alpha, lora_dropout as given."""
+    `lora`: lora_r, lora_alpha, lora_dropout as given; `method`: a checkpoint's LoraConfig method fields as given
+    (utils.methods.lora_fields), which it resumes only with (another would load its weights into other layers or
+    scale them otherwise)."""
+    from utils.methods import INITS
     from utils.run_record import RunRecord
 
     config = RunRecord.read(adapter).adapter_config
@@ -189,6 +192,11 @@ def check_lora_matches(adapter: str, lora: dict, target_modules: list[str]) -> N
     if target_modules != ["all-linear"] and modules != sorted(target_modules):
         raise UserError(f"{adapter} targets {modules}, not {sorted(target_modules)}: "
                         f"pass --lora_target_modules {','.join(modules)} to continue it")
+    init_flag = {v: k for k, v in INITS.items()}
+    for key, value in (method or {}).items():
+        if config.get(key, value) != value:
+            trained = init_flag.get(config[key], config[key]) if key == "init_lora_weights" else config[key]
+            raise UserError(f"checkpoint {adapter} was trained with --{key} {trained}: pass the same to resume it")
 
 
 def clear_earlier_checkpoints(output_dir: Path) -> None:
