@@ -239,7 +239,9 @@ def post(url: str, **body) -> httpx.Response:
 
 def test_requests_beyond_the_running_ones_wait_then_503_past_the_queue(gen, small_pool):
     url, engine = small_pool
-    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.02):
+    # The running answer takes 6 s (a loaded machine must not finish it before the others arrive; the tiny model's
+    # context holds no more tokens); closing the stream ends it as soon as the checks are done.
+    with never_eos(gen.model, gen.tokenizer.eos_token_id), slowed(gen.model, 0.1):
         with httpx.stream("POST", f"{url}v1/chat/completions", json={"messages": HISTORY, "stream": True,
                                                                      "max_tokens": 60}, timeout=60) as running:
             lines = running.iter_lines()  # kept: a dropped iterator closes the connection
