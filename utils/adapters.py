@@ -72,9 +72,14 @@ def check(named: dict[str, str], batch_mode: bool, backend: str, compile: Option
 
     for name, path in named.items():
         models.check_adapter_dir(path)
-        if adapter_config(path).get("use_dora"):
-            raise UserError(f"adapter {name} ({path}) is DoRA, whose rows PEFT cannot batch with other adapters' "
-                            f"(adapter_names): serve it alone (--lora_weights {path}) or merge it into the base")
+        check_mixable(name, path, adapter_config(path))  # {} for one on the Hub: load_all checks it once downloaded
+
+
+def check_mixable(name: str, path: str, config: dict) -> None:
+    """PEFT 0.21 refuses DoRA in mixed-adapter batches (adapter_names), so a DoRA adapter cannot share one."""
+    if config.get("use_dora"):
+        raise UserError(f"adapter {name} ({path}) is DoRA, whose rows PEFT cannot batch with other adapters' "
+                        f"(adapter_names): serve it alone (--lora_weights {path}) or merge it into the base")
 
 
 def base_id(base_model: str) -> str:
@@ -135,6 +140,8 @@ def load_all(model, named: dict[str, str]):
     model = load_adapter(model, path, adapter_name=first)
     for name, path in rest:
         model.load_adapter(path, adapter_name=name)
+    for name, path in named.items():
+        check_mixable(name, path, model.peft_config[name].to_dict())
     route(model)
     return model
 
