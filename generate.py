@@ -111,9 +111,8 @@ def main(
             raise UserError(f"--output_file {output_file} exists: pass --overwrite to replace it, or name another file")
         check_writable(str(Path(output_file).expanduser().absolute().parent), "output_file")
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
-    from utils.llamacpp import check_backend
-
     from utils import adapters
+    from utils.llamacpp import check_backend
 
     named = adapters.parse(lora_weights)
     adapters.check(named, batch_mode, backend, compile)

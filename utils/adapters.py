@@ -27,7 +27,7 @@ class Served:
     rows (BASE for the base), and the templates its prompts are rendered with."""
 
     name: str
-    adapter: str
+    adapter: Optional[str]  # None: the one model of a server without the NAME=PATH form
     prompter: object  # utils.prompts.Prompter
     chat: object  # utils.chat.ChatTemplate, None without chat
     parent: Optional[str] = None  # the base's id, for an adapter
