@@ -116,7 +116,8 @@ def main(
 
     named = adapters.parse(lora_weights)
     adapters.check(named, batch_mode, backend, compile)
-    backend = check_backend(backend, gguf_type, "" if named else lora_weights, device, load_8bit, load_4bit, bf16, compile)
+    backend = check_backend(backend, gguf_type, "" if named else lora_weights, device, load_8bit, load_4bit, bf16,
+                            compile)
     if quantization != "none" and (bf16 or compile):
         raise UserError(f"--{'bf16' if bf16 else 'compile'} applies to unquantized weights: drop it or --load_{quantization}")
     if not batch_mode:
@@ -137,7 +138,8 @@ def main(
     base_model = generator.base_model
     title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
     one_model = Path(lora_weights).name if lora_weights and not named else adapters.base_id(base_model)
-    api_settings = ApiSettings(model=one_model, max_tokens=api_max_tokens, max_input_tokens=api_max_input_tokens) if api else None
+    api_settings = ApiSettings(model=one_model, max_tokens=api_max_tokens,
+                               max_input_tokens=api_max_input_tokens) if api else None
     app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit,
                     chat=generator.chat, api=api_settings, max_queue=max_queue)
     launch(app, server_name=server_name, server_port=server_port, share=share_gradio, auth=credentials)

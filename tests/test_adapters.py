@@ -28,7 +28,8 @@ def pair(tiny_model, tmp_path_factory):
     """Two adapters of the tiny base with different random weights; fr records finetune.py's alpaca_short."""
     en = make_adapter(tiny_model, tmp_path_factory.mktemp("lora") / "en", seed=1)
     fr = make_adapter(tiny_model, tmp_path_factory.mktemp("lora") / "fr", seed=2)
-    (fr / "training_args.json").write_text(json.dumps({"base_model": str(tiny_model), "prompt_template_name": "alpaca_short"}))
+    record = {"base_model": str(tiny_model), "prompt_template_name": "alpaca_short"}
+    (fr / "training_args.json").write_text(json.dumps(record))
     return en, fr
 
 
@@ -121,7 +122,7 @@ def test_the_demo_selector_switches_the_template(gen, url, monkeypatch):
     client = Client(url, verbose=False)
     client.predict(QUESTION, "", *settings, "fr", api_name="/generate")
     client.predict(QUESTION, "", *settings, api_name="/generate")  # the selector's default: the first adapter
-    assert seen == [gen.render(QUESTION, "", gen.served["fr"].prompter), gen.render(QUESTION, "", gen.served["en"].prompter)]
+    assert seen == [gen.render(QUESTION, "", gen.served[name].prompter) for name in ("fr", "en")]
     assert seen[0] != seen[1]
 
 
@@ -182,7 +183,8 @@ def test_mixed_adapter_rows_on_families(family, tmp_path):
         alone = lone_answers(base, pair, prompts)
         engine = Engine(generator, max_running=4, max_waiting=4)
         with slowed(generator.model, 0.01):
-            jobs = {name: engine.stream(prompts[name], GREEDY, adapter=m.adapter) for name, m in generator.served.items()}
+            jobs = {name: engine.stream(prompts[name], GREEDY, adapter=m.adapter)
+                    for name, m in generator.served.items()}
             got = {name: "".join(job) and job.completion.text for name, job in jobs.items()}
         engine.close()
     assert min(generator.prompt_tokens(p) for p in prompts.values()) > 8  # longer than the windows

@@ -103,7 +103,8 @@ def check_base(named: dict[str, str], base_model: str) -> None:
         trained = RunRecord.read(path).base_model
         if trained is not None and same_base(embedded_as_empty(trained)) != served:
             raise UserError(f"adapter {name} ({path}) was trained on {trained or 'the embedded model'}, not on the "
-                            f"served base {base_model or 'the embedded model'}: serve adapters of one base together")
+                            f"served base {base_model or 'the embedded model'}: serve adapters of one base together, "
+                            f"and this one alone (--lora_weights {path})")
 
 
 def same_base(name: str) -> str:

@@ -163,7 +163,8 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
                     with gr.Row():
                         submit = gr.Button("Submit", variant="primary", elem_id="submit")
                         stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    controls = settings_controls(gr, defaults, stream, generator.context_length) + model_selector(gr, generator)
+                    controls = (settings_controls(gr, defaults, stream, generator.context_length)
+                                + model_selector(gr, generator))
                 with gr.Column():
                     output = gr.Textbox(lines=14, label="Output", elem_id="output", buttons=["copy"], autoscroll=True)
             gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
