@@ -25,11 +25,13 @@ QUESTION = "Tell me about alpacas."
 
 @pytest.fixture(scope="module")
 def pair(tiny_model, tmp_path_factory):
-    """Two adapters of the tiny base with different random weights; fr records finetune.py's alpaca_short."""
+    """Two adapters of the tiny base with different random weights, as finetune.py records them: en trained on
+    conversations (alpaca_chat), fr on instructions in alpaca_short."""
     en = make_adapter(tiny_model, tmp_path_factory.mktemp("lora") / "en", seed=1)
     fr = make_adapter(tiny_model, tmp_path_factory.mktemp("lora") / "fr", seed=2)
-    record = {"base_model": str(tiny_model), "prompt_template_name": "alpaca_short"}
-    (fr / "training_args.json").write_text(json.dumps(record))
+    records = {en: {"conversations": True, "chat_template": "alpaca_chat"}, fr: {"prompt_template_name": "alpaca_short"}}
+    for adapter, record in records.items():
+        (adapter / "training_args.json").write_text(json.dumps({"base_model": str(tiny_model), **record}))
     return en, fr
 
 
@@ -38,28 +40,48 @@ def gen(tiny_model, pair):
     return load_generator(str(tiny_model), f"en={pair[0]},fr={pair[1]}", device="cpu", chat_template="")
 
 
-def lone_answers(base, pair, prompts: dict, settings=GREEDY) -> dict:
-    """Each model's answer from a process-like generator of its own (one adapter, or none), one request at a time."""
-    paths = {"en": str(pair[0]), "fr": str(pair[1]), base.name: ""}
-    return {name: load_generator(str(base), paths[name], device="cpu").complete([prompt], settings)[0].text
-            for name, prompt in prompts.items()}
+@pytest.fixture(scope="module")
+def lone(tiny_model, pair) -> dict:
+    """Each model served alone, as generate.py serves one adapter (or none): what the shared server must equal."""
+    return lone_generators(tiny_model, pair)
 
 
-def test_the_base_and_each_adapter_are_served_with_their_own_templates(tiny_model, gen):
-    assert [(m.name, m.adapter, m.parent, m.prompter.name) for m in gen.served.values()] == [
-        (tiny_model.name, "__base__", None, "alpaca"), ("en", "en", tiny_model.name, "alpaca"),
-        ("fr", "fr", tiny_model.name, "alpaca_short")]
+def lone_generators(base, pair) -> dict:
+    paths = {base.name: "", "en": str(pair[0]), "fr": str(pair[1])}
+    return {name: load_generator(str(base), path, device="cpu", chat_template="") for name, path in paths.items()}
+
+
+def lone_answers(lone: dict, prompts: dict, settings=GREEDY) -> dict:
+    """Each model's answer to its prompt from its lone generator, one request at a time, never ending at EOS (as the
+    shared server's answers are made in these tests: full length, every token compared)."""
+    answers = {}
+    for name, prompt in prompts.items():
+        with never_eos(lone[name].model, lone[name].tokenizer.eos_token_id):
+            answers[name] = lone[name].complete([prompt], settings)[0].text
+    return answers
+
+
+def test_each_model_is_prompted_as_when_served_alone(tiny_model, gen, lone):
+    """The base with the defaults, en with the chat template it was trained on, fr with alpaca_short: each served
+    model renders instructions and conversations exactly as a server of that model alone does."""
+    conversation = [{"role": "user", "content": QUESTION}]
+    assert [(m.name, m.adapter, m.parent) for m in gen.served.values()] == [
+        (tiny_model.name, "__base__", None), ("en", "en", tiny_model.name), ("fr", "fr", tiny_model.name)]
+    for name, m in gen.served.items():
+        assert gen.render(QUESTION, "", m.prompter) == lone[name].render(QUESTION), name
+        assert m.chat.render(conversation, True) == lone[name].chat.render(conversation, True), name
+    assert gen.served["fr"].prompter.name == "alpaca_short" and gen.served["en"].chat.name == "alpaca_chat"
     assert gen.default_adapter == "en" and not any(getattr(m, "merged", False) for m in gen.model.modules())
 
 
-def test_overlapping_requests_for_two_adapters_and_the_base_share_passes(tiny_model, pair, gen):
+def test_overlapping_requests_for_two_adapters_and_the_base_share_passes(gen, lone):
     """Greedy requests for en, fr and the base started together (and a beam search for fr beside them): each answer
     equals its model's one-at-a-time answer, and the three models' rows were computed in the same forward passes."""
     prompts = {name: gen.render(QUESTION, "", m.prompter) for name, m in gen.served.items()}
     beams = Settings(temperature=0, num_beams=2, max_new_tokens=6)
     with never_eos(gen.model, gen.tokenizer.eos_token_id):
-        alone = lone_answers(tiny_model, pair, prompts)
-        alone_beams = lone_answers(tiny_model, pair, {"fr": prompts["fr"]}, beams)
+        alone = lone_answers(lone, prompts)
+        alone_beams = lone_answers(lone, {"fr": prompts["fr"]}, beams)
         engine = Engine(gen, max_running=8, max_waiting=8)
         mixes = []
         counter = unwrapped(gen.model).register_forward_pre_hook(
@@ -90,10 +112,10 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(tiny_model, url)
         (tiny_model.name, "model", None), ("en", "model", tiny_model.name), ("fr", "model", tiny_model.name)]
 
 
-def test_the_model_field_picks_the_adapter_and_an_unknown_one_is_a_404(tiny_model, pair, gen, url):
+def test_the_model_field_picks_the_adapter_and_an_unknown_one_is_a_404(gen, lone, url):
     messages = [{"role": "user", "content": QUESTION}]
-    prompts = {name: gen.render_chat(m.chat, messages) for name, m in gen.served.items()}
-    alone = lone_answers(tiny_model, pair, prompts, Settings(temperature=0, num_beams=1, max_new_tokens=8))
+    prompts = {name: g.render_chat(g.chat, messages) for name, g in lone.items()}
+    alone = lone_answers(lone, prompts, Settings(temperature=0, num_beams=1, max_new_tokens=8))
     replies = {}
 
     def ask(name):
@@ -101,10 +123,11 @@ def test_the_model_field_picks_the_adapter_and_an_unknown_one_is_a_404(tiny_mode
         replies[name] = httpx.post(f"{url}v1/chat/completions", json=body, timeout=60).json()
 
     threads = [threading.Thread(target=ask, args=(name,)) for name in [*prompts, ""]]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with never_eos(gen.model, gen.tokenizer.eos_token_id):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert {name: r["choices"][0]["message"]["content"] for name, r in replies.items()} == alone | {"": alone["en"]}
     assert [replies[name]["model"] for name in prompts] == list(prompts) and replies[""]["model"] == "en"
     missing = httpx.post(f"{url}v1/chat/completions", json={"model": "de", "messages": messages})
@@ -180,7 +203,7 @@ def test_mixed_adapter_rows_on_families(family, tmp_path):
     generator = load_generator(str(base), f"en={pair[0]},fr={pair[1]}", device="cpu")
     prompts = {name: generator.render(QUESTION, "", m.prompter) for name, m in generator.served.items()}
     with never_eos(generator.model, generator.tokenizer.eos_token_id):
-        alone = lone_answers(base, pair, prompts)
+        alone = lone_answers(lone_generators(base, pair), prompts)
         engine = Engine(generator, max_running=4, max_waiting=4)
         with slowed(generator.model, 0.01):
             jobs = {name: engine.stream(prompts[name], GREEDY, adapter=m.adapter)
