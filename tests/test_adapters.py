@@ -136,7 +136,7 @@ def test_the_model_field_picks_the_adapter_and_an_unknown_one_is_a_404(gen, lone
                                         "param": "model", "code": "model_not_found"}}
 
 
-def test_the_demo_selector_switches_the_template(gen, url, monkeypatch):
+def test_the_demo_selector_switches_the_template_on_both_tabs(gen, url, monkeypatch):
     from gradio_client import Client
 
     seen, encode = [], gen.encode
@@ -145,7 +145,10 @@ def test_the_demo_selector_switches_the_template(gen, url, monkeypatch):
     client = Client(url, verbose=False)
     client.predict(QUESTION, "", *settings, "fr", api_name="/generate")
     client.predict(QUESTION, "", *settings, api_name="/generate")  # the selector's default: the first adapter
-    assert seen == [gen.render(QUESTION, "", gen.served[name].prompter) for name in ("fr", "en")]
+    client.predict(QUESTION, "", *settings, "fr", api_name="/chat")  # message, system prompt, settings, model
+    conversation = [{"role": "user", "content": QUESTION}]
+    assert seen == [gen.render(QUESTION, "", gen.served[name].prompter) for name in ("fr", "en")] + [
+        gen.render_chat(gen.served["fr"].chat, conversation)]
     assert seen[0] != seen[1]
 
 
