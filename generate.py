@@ -2,6 +2,7 @@
 
     python generate.py                                  # the embedded model at http://127.0.0.1:7860
     python generate.py --lora_weights ./lora-alpaca     # after finetune.py
+    python generate.py --api --lora_weights en=./lora-en,fr=./lora-fr    # the base and two adapters in one process
     python generate.py --instruction "Tell me about alpacas."             # prints the answer, no server
     python generate.py --input_file questions.jsonl --output_file answers.jsonl
     python generate.py --api                            # + an OpenAI-compatible API at http://127.0.0.1:7860/v1
@@ -61,7 +62,7 @@ def main(
 
     Args:
         base_model: {BASE_MODEL}
-        lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: the base model alone.
+        lora_weights: LoRA adapter directory (finetune.py's output_dir) or Hub id; empty: the base model alone. NAME=PATH pairs, comma-separated (en=./lora-en,fr=./lora-fr): several adapters of one base served at once, the base too (by its own name); the API's `model` and the demo's selector pick one (default: the first adapter), and their requests share each forward pass.
         load_8bit: Load the base model in 8-bit (bitsandbytes; CUDA, or CPU slowly), as in the original.
         load_4bit: Load the base model in 4-bit NF4 (bitsandbytes): the least memory.
         prompt_template: A template in templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a .json path; default: the adapter's (its training_args.json), else alpaca.
@@ -110,9 +111,13 @@ def main(
             raise UserError(f"--output_file {output_file} exists: pass --overwrite to replace it, or name another file")
         check_writable(str(Path(output_file).expanduser().absolute().parent), "output_file")
     credentials = None if batch_mode else parse_auth(auth or os.environ.get(AUTH_ENV, ""))
+    from utils import adapters
     from utils.llamacpp import check_backend
 
-    backend = check_backend(backend, gguf_type, lora_weights, device, load_8bit, load_4bit, bf16, compile)
+    named = adapters.parse(lora_weights)
+    adapters.check(named, batch_mode, backend, compile)
+    backend = check_backend(backend, gguf_type, "" if named else lora_weights, device, load_8bit, load_4bit, bf16,
+                            compile)
     if quantization != "none" and (bf16 or compile):
         raise UserError(f"--{'bf16' if bf16 else 'compile'} applies to unquantized weights: drop it or --load_{quantization}")
     if not batch_mode:
@@ -123,7 +128,7 @@ def main(
                                   batch_mode, settings.num_beams)
     else:
         generator = load_transformers(base_model, lora_weights, quantization, device, prompt_template, chat_template,
-                                      bf16, compile, threads, batch_mode)
+                                      bf16, compile, threads, batch_mode, several=bool(named))
     if batch_mode:
         answer_records(generator, records, settings, batch_size, output_file, plain=bool(instruction) and not output_file)
         return
@@ -132,7 +137,8 @@ def main(
     warn_if_exposed(server_name, share_gradio, credentials)
     base_model = generator.base_model
     title = f"{base_model or 'SmolLM2-135M-Instruct (embedded)'}" + (f" + {lora_weights}" if lora_weights else "")
-    api_settings = ApiSettings(model=Path(lora_weights or base_model or "SmolLM2-135M-Instruct").name, max_tokens=api_max_tokens,
+    one_model = Path(lora_weights).name if lora_weights and not named else adapters.base_id(base_model)
+    api_settings = ApiSettings(model=one_model, max_tokens=api_max_tokens,
                                max_input_tokens=api_max_input_tokens) if api else None
     app = build_app(generator, settings, stream=stream, title=title, concurrency_limit=concurrency_limit,
                     chat=generator.chat, api=api_settings, max_queue=max_queue)
@@ -141,7 +147,7 @@ def main(
 
 def load_transformers(base_model: str, lora_weights: str, quantization: str, device: str, prompt_template: str,
                       chat_template: Optional[str], bf16: Optional[bool], compile: Optional[bool], threads: int,
-                      batch_mode: bool):
+                      batch_mode: bool, several: bool):
     import torch
 
     from utils.generation import compile_decoding, decoding_threads, load_generator
@@ -152,9 +158,10 @@ def load_transformers(base_model: str, lora_weights: str, quantization: str, dev
         torch.set_num_threads(threads or decoding_threads(serving=not batch_mode))
     dtype = pick_dtype(device, bf16) if quantization == "none" else None
     # By default only in bf16: in fp32 the compiled step's gain for one stream does not pay for what its compile in
-    # the background costs a crowd at start (benchmarks/bench_serving.py --at_start, docs/performance.md).
+    # the background costs a crowd at start (benchmarks/bench_serving.py --at_start, docs/performance.md). Never
+    # with several adapters: each row picks its own (utils.adapters.rows), which a graph would bake in.
     compile = compile_decoding(compile, device == "cpu" and not batch_mode and quantization == "none"
-                               and dtype == torch.bfloat16)
+                               and dtype == torch.bfloat16 and not several)
     return load_generator(base_model, lora_weights, quantization, device, prompt_template, chat_template=chat_template,
                           dtype=dtype, compile=compile, compile_in_background=not batch_mode)
 

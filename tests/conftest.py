@@ -59,8 +59,8 @@ def alpaca_file(tmp_path) -> Path:
 # server, subprocess, build, browser or Docker); integration tests train, serve and export tiny models; system tests
 # run the real outside runtimes and launchers (llama.cpp, a browser, Docker, torchrun/accelerate ranks); slow ones
 # are full-size runs on the embedded model. `python -m pytest -q` runs them all.
-INTEGRATION = {"test_bench", "test_chat_api", "test_cli", "test_durable", "test_evaluation", "test_export", "test_families",
-               "test_finetune", "test_generate", "test_methods"}
+INTEGRATION = {"test_adapters", "test_bench", "test_chat_api", "test_cli", "test_durable", "test_evaluation", "test_export",
+               "test_families", "test_finetune", "test_generate", "test_methods"}
 SYSTEM = {"test_ddp", "test_default_path", "test_demo", "test_docker", "test_gguf", "test_methods_gguf", "test_scale",
           "test_shard"}
 

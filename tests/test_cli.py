@@ -108,6 +108,8 @@ MISTAKES = [
     case("generate.py", ["--backend", "llama.cpp", "--gguf_type", "q3"], "unknown --gguf_type 'q3': choose f32, f16"),
     case("generate.py", ["--backend", "llama.cpp", "--lora_weights", "tloen/alpaca-lora-7b"],
          "GGUF LoRA from a local directory: download tloen/alpaca-lora-7b first"),
+    case("generate.py", ["--lora_weights", "en={adapter},en={adapter}"], "--lora_weights names en twice"),
+    case("generate.py", ["--lora_weights", "en={adapter},fr={dora}"], r"adapter fr \(.*dora\) is DoRA"),
     case("benchmarks/bench_generate.py", ["--rounds", "0"], "--rounds must be at least 1"),
     case("benchmarks/bench_generate.py", ["--configs", "fp16"], "unknown configuration.*choose from before, fp32, fp32-compiled"),
     case("benchmarks/bench_generate.py", ["--llama_threads", "two"], "--llama_threads must be whole numbers above 0"),

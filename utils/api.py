@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from utils.adapters import Served, default_model
 from utils.chat import ChatTemplate, parse_messages
 from utils.cli import UserError
 from utils.generation import Completion, Generator, PromptTooLong, Settings
@@ -40,7 +41,9 @@ RETRY_AFTER_S = 5  # what a 503 asks a client to wait before trying again
 class ApiSettings:
     """What the API serves and the limits it enforces."""
 
-    model: str = "alpaca-lora"  # the id /v1/models lists; requests may name any model, this one answers
+    # The id /v1/models lists for the one model served: requests may name any model, this one answers. With several
+    # (--lora_weights NAME=PATH, utils.adapters) each has its own id and a request's `model` picks one.
+    model: str = "alpaca-lora"
     max_tokens: int = 512  # the most new tokens a request may ask for (400 above)
     max_input_tokens: int = 0  # the longest rendered conversation, in tokens (413 above); 0: the model's context
     max_body_bytes: int = 1 << 20  # 413 above
@@ -133,13 +136,14 @@ async def answer_chat(service: Service, request: Request):
     try:
         check_auth(service, request)
         req = await read_request(request, service.api)
-        prompt, settings = await run_in_threadpool(prepare, service, req)
-        job = submit(service.engine, prompt, settings, req.stop)
+        model = pick_model(service, req.model)
+        prompt, settings = await run_in_threadpool(prepare, service, req, model.chat)
+        job = submit(service.engine, prompt, settings, req.stop, model.adapter)
     except ApiError as err:
         return err.response()
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return JobResponse(job, events(job, service.api.model, include_usage), media_type="text/event-stream",
+        return JobResponse(job, events(job, model.name, include_usage), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache"})
     try:
         completion = await answered(job, request)
@@ -149,7 +153,7 @@ async def answer_chat(service: Service, request: Request):
         return Response(status_code=499)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-        "model": service.api.model,
+        "model": model.name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                      "finish_reason": finish_reason(completion)}],
         "usage": usage(completion),
@@ -157,13 +161,30 @@ async def answer_chat(service: Service, request: Request):
 
 
 def list_models(service: Service, request: Request):
-    """GET /v1/models: the one model this server answers as."""
+    """GET /v1/models: the one model this server answers as; with several, the base and each adapter with the base
+    as its `parent` (as vLLM lists LoRA adapters)."""
     try:
         check_auth(service, request)
     except ApiError as err:
         return err.response()
-    return {"object": "list", "data": [{"id": service.api.model, "object": "model", "created": service.created,
-                                        "owned_by": "alpaca-lora"}]}
+    entry = {"object": "model", "created": service.created, "owned_by": "alpaca-lora"}
+    served = service.generator.served
+    if not served:
+        return {"object": "list", "data": [{"id": service.api.model, **entry}]}
+    return {"object": "list", "data": [{"id": m.name, **entry, "parent": m.parent} for m in served.values()]}
+
+
+def pick_model(service: Service, name: str) -> Served:
+    """The model a request names. With several served: that one, the first adapter when it names none, OpenAI's 404
+    for an unknown one; else the one model, whatever the name (as before several could be served)."""
+    served = service.generator.served
+    if not served:
+        return Served(service.api.model, None, service.generator.prompter, service.chat)
+    if not name:
+        return default_model(served)
+    if name not in served:
+        raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+    return served[name]
 
 
 def check_auth(service: Service, request: Request) -> None:
@@ -205,7 +226,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def prepare(service: Service, req: ChatRequest) -> tuple[str, Settings]:
+def prepare(service: Service, req: ChatRequest, chat: ChatTemplate) -> tuple[str, Settings]:
     """The rendered prompt and the decoding settings, or the 400/413 that explains what is wrong."""
     if req.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -216,7 +237,7 @@ def prepare(service: Service, req: ChatRequest) -> tuple[str, Settings]:
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message should be the user's: it is what the model answers", param="messages")
     settings = request_settings(req, service.defaults, service.api)
-    prompt = service.generator.render_chat(service.chat, messages)
+    prompt = service.generator.render_chat(chat, messages)
     generator = service.generator
     tokens = generator.prompt_tokens(prompt)
     limit = service.api.max_input_tokens or generator.context_length
@@ -246,13 +267,14 @@ def request_settings(req: ChatRequest, defaults: Settings, api: ApiSettings) -> 
         raise ApiError(400, str(err)) from None
 
 
-def submit(engine: Engine, prompt: str, settings: Settings, stop: Union[str, list[str], None]) -> Job:
+def submit(engine: Engine, prompt: str, settings: Settings, stop: Union[str, list[str], None],
+           adapter: Optional[str] = None) -> Job:
     """Queue the request in the shared pool; a full queue is a 503 that says when to retry."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4:  # ChatRequest has checked that each is a string
         raise ApiError(400, "stop must be a string or a list of at most 4 strings", param="stop")
     try:
-        return engine.stream(prompt, settings, stop_strings=stops)
+        return engine.stream(prompt, settings, stop_strings=stops, adapter=adapter)
     except QueueFull as err:
         raise ApiError(503, str(err), "server_error", "queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 

@@ -65,20 +65,33 @@ def make_answer_fn(generator, stops: SessionStops, engine):
     from utils.generation import Settings
 
     def answer(instruction: str, input: str, temperature: float, top_p: float, top_k: int, num_beams: int,
-               max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
+               max_new_tokens: int, stream: bool, model: str = "", request: gr.Request = None) -> Iterator[str]:
         if not (instruction or "").strip():
             raise gr.Error("Type an instruction first.", print_exception=False)
-        yield from answer_for(engine, stops, request, lambda: generator.render(instruction, input),
+        served = chosen(generator, model)
+        prompter = served.prompter if served else generator.prompter
+        yield from answer_for(engine, stops, request, lambda: generator.render(instruction, input, prompter),
                               Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
-                              cut=lambda text: first_answer(text, generator.prompter))
+                              cut=lambda text: first_answer(text, prompter), adapter=served and served.adapter)
 
     return answer
 
 
-def answer_for(engine, stops: SessionStops, request, render, settings, stream: bool, cut) -> Iterator[str]:
+def chosen(generator, model: str):
+    """The served model (utils.adapters.Served) picked in the selector; None with one model served."""
+    from utils.adapters import default_model
+
+    if not generator.served:
+        return None
+    return generator.served.get(model) or default_model(generator.served)
+
+
+def answer_for(engine, stops: SessionStops, request, render, settings, stream: bool, cut,
+               adapter: Optional[str] = None) -> Iterator[str]:
     """One request's answer as a handler yields it, growing when streamed: `render()` builds the prompt, `cut(text)`
-    gives (what to show, whether the answer ended); `engine` (utils.serving.Engine) generates it in the shared pool.
-    Stop ends it for this session; errors (a full queue included) are this user's alone."""
+    gives (what to show, whether the answer ended); `engine` (utils.serving.Engine) generates it in the shared pool,
+    with `adapter` when several are served. Stop ends it for this session; errors (a full queue included) are this
+    user's alone."""
     import gradio as gr
 
     try:
@@ -86,10 +99,10 @@ def answer_for(engine, stops: SessionStops, request, render, settings, stream: b
         settings = engine.generator.within_context(prompt, settings.checked())
         with stops.register(getattr(request, "session_hash", None)) as stop:
             if not stream:
-                yield cut(engine.complete([prompt], settings, stop)[0].text)[0]
+                yield cut(engine.complete([prompt], settings, stop, adapter=adapter)[0].text)[0]
                 return
             text = ""
-            with engine.stream(prompt, settings, stop) as pieces:
+            with engine.stream(prompt, settings, stop, adapter=adapter) as pieces:
                 for piece in pieces:
                     text += piece
                     shown, ended = cut(text)
@@ -150,7 +163,8 @@ def build_app(generator, defaults, stream: bool = True, title: str = "", concurr
                     with gr.Row():
                         submit = gr.Button("Submit", variant="primary", elem_id="submit")
                         stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    controls = settings_controls(gr, defaults, stream, generator.context_length)
+                    controls = (settings_controls(gr, defaults, stream, generator.context_length)
+                                + model_selector(gr, generator))
                 with gr.Column():
                     output = gr.Textbox(lines=14, label="Output", elem_id="output", buttons=["copy"], autoscroll=True)
             gr.Examples(EXAMPLES, inputs=[instruction, input], label="Examples (click one, then Submit)")
@@ -184,18 +198,21 @@ def chat_tab(gr, generator, chat, defaults, stream: bool, stops: SessionStops, s
     from utils.generation import Settings
 
     def respond(message: str, history: list, system: str, temperature: float, top_p: float, top_k: int,
-                num_beams: int, max_new_tokens: int, stream: bool, request: gr.Request) -> Iterator[str]:
+                num_beams: int, max_new_tokens: int, stream: bool, model: str = "",
+                request: gr.Request = None) -> Iterator[str]:
         if not (message or "").strip():
             raise gr.Error("Type a message first.", print_exception=False)
+        served = chosen(generator, model)
+        template = served.chat if served else chat
         yield from answer_for(engine, stops, request,
-                              lambda: generator.render_chat(chat, chat_messages(system, history, message)),
+                              lambda: generator.render_chat(template, chat_messages(system, history, message)),
                               Settings(temperature, top_p, top_k, num_beams, max_new_tokens), stream,
-                              cut=lambda text: (text.strip(), False))
+                              cut=lambda text: (text.strip(), False), adapter=served and served.adapter)
 
     system = gr.Textbox(lines=1, label="System prompt", elem_id="system",
                         placeholder="empty: the chat template's default" + (f" ({chat.name})" if chat.name else ""))
     with gr.Accordion("Generation settings", open=False):
-        controls = settings_controls(gr, defaults, stream, generator.context_length)
+        controls = settings_controls(gr, defaults, stream, generator.context_length) + model_selector(gr, generator)
     message = gr.Textbox(placeholder="Type a message...", show_label=False, container=False, scale=7, elem_id="message",
                          submit_btn=True, stop_btn=True)  # ChatInterface's own box, with an id to find it by
     ui = gr.ChatInterface(respond, textbox=message, additional_inputs=[system, *controls], api_name="chat", fill_height=False)
@@ -214,6 +231,18 @@ def settings_controls(gr, defaults, stream: bool, context_length: Optional[int])
         gr.Slider(1, longest, value=min(defaults.max_new_tokens, longest), step=1, label="Max new tokens"),
         gr.Checkbox(value=stream, label="Stream output", info="Show the answer token by token (with 1 beam)"),
     ]
+
+
+def model_selector(gr, generator) -> list:
+    """With several models served (--lora_weights NAME=PATH): a choice among them, the first adapter by default,
+    each prompted with its own template; with one, nothing."""
+    from utils.adapters import default_model
+
+    if not generator.served:
+        return []
+    choices = [(f"{m.name} ({m.prompter.name} template)", m.name) for m in generator.served.values()]
+    return [gr.Dropdown(choices, value=default_model(generator.served).name, label="Model", elem_id="model",
+                        info="The base or one of its adapters: each is prompted with the template it was trained with")]
 
 
 def check_port_free(server_name: str, server_port: int) -> None:

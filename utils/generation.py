@@ -107,6 +107,8 @@ class Generator:
         self.prompter = prompter
         self.chat = None  # a ChatTemplate for conversations, when load_generator was given one
         self.base_model = ""  # the base's name as chosen (models.choose_base_model), "" for the embedded model
+        # --lora_weights NAME=PATH: the models served by id, base first (utils.adapters.Served); {}: one model
+        self.served: dict = {}
         self.compiled = False  # whether the compiled one-sequence decoding step (compile()) is in use
         # load_generator(compile_in_background=True): the server's Engine.compile_in_background compiles it
         self.compile_pending = False
@@ -166,9 +168,18 @@ class Generator:
         """Tokens the model can attend to (prompt + answer), None when the config does not say."""
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def render(self, instruction: str, input: str = "") -> str:
-        """The template's prompt for an instruction and optional input (a user's text: see `plain`)."""
-        return self.prompter.generate_prompt(self.plain(instruction), self.plain(input or "") or None)
+    def render(self, instruction: str, input: str = "", prompter: Optional[Prompter] = None) -> str:
+        """The template's prompt (`prompter`'s, default: the served model's) for an instruction and optional input
+        (a user's text: see `plain`)."""
+        prompter = prompter or self.prompter
+        return prompter.generate_prompt(self.plain(instruction), self.plain(input or "") or None)
+
+    @property
+    def default_adapter(self) -> Optional[str]:
+        """With several models served, the adapter of a request that names none (utils.adapters.default_model)."""
+        from utils.adapters import default_model
+
+        return default_model(self.served).adapter if self.served else None
 
     def render_chat(self, chat, messages: list[dict]) -> str:
         """The prompt for the answer to a conversation, rendered by `chat` (a utils.chat.ChatTemplate); every
@@ -407,7 +418,7 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
     conversations; `chat_template` None: no chat. `dtype`: the unquantized weights' dtype (default: full precision on
     CPU, models.pick_dtype on GPUs); `compile`: Generator.compile, now, or with `compile_in_background` later, by the
     server that answers meanwhile (serving.Engine.compile_in_background)."""
-    from utils import models
+    from utils import adapters, models
 
     device = models.pick_device(device)
     quantization = models.pick_quantization(quantization, device)
@@ -417,7 +428,9 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
           f"{' + adapter ' + lora_weights if lora_weights else ''} on {device} "
           f"({str(dtype).removeprefix('torch.') if quantization == 'none' else quantization})", file=sys.stderr, flush=True)
     model = models.load_model(prepared.path, quantization, device, dtype=dtype)
-    if lora_weights:
+    if prepared.served:
+        model = adapters.load_all(model, adapters.parse(lora_weights))
+    elif lora_weights:
         try:
             model = models.load_adapter(model, lora_weights)
         except (OSError, ValueError) as err:  # a hub id that is absent or unreachable, a malformed config
@@ -425,6 +438,7 @@ def load_generator(base_model: str = "", lora_weights: str = "", quantization: s
     generator = Generator(model, prepared.tokenizer, prepared.prompter)
     generator.chat = prepared.chat
     generator.base_model = prepared.base_model
+    generator.served = prepared.served
     if compile and compile_in_background:
         print("The decoding step compiles in the background: answers are uncompiled until it is in use",
               file=sys.stderr, flush=True)
@@ -445,13 +459,18 @@ class Prepared:
     tokenizer: object
     prompter: Prompter
     chat: object
+    served: dict  # --lora_weights NAME=PATH: utils.adapters.served_models; {} for one model
 
 
 def prepare_model(base_model: str, lora_weights: str, prompt_template: str, chat_template: Optional[str]) -> Prepared:
     """Choose the base, check the adapter fits it (from shapes alone) and load the tokenizer and templates: the
-    user's mistakes fail here, in seconds, before any weights load."""
-    from utils import models
+    user's mistakes fail here, in seconds, before any weights load. With NAME=PATH adapters the first one leads (the
+    base it was trained on, the default templates) and every one is checked against the base."""
+    from utils import adapters, models
     from utils.chat import trained_chat_template
+
+    named = adapters.parse(lora_weights)
+    lora_weights = next(iter(named.values()), lora_weights)
 
     if chat_template not in (None, "", "tokenizer"):
         read_template(chat_template, "chat template")  # a typo fails now, not after the model has loaded
@@ -460,8 +479,10 @@ def prepare_model(base_model: str, lora_weights: str, prompt_template: str, chat
     prompter = Prompter(adapter_prompt_template(prompt_template, lora_weights))
     base_model = models.choose_base_model(base_model, lora_weights)
     path = models.resolve_base_model(base_model)
-    if lora_weights:
-        models.check_adapter_fits(path, lora_weights)
+    adapters.check_base(named, base_model)
+    for adapter in list(named.values()) or ([lora_weights] if lora_weights else []):
+        models.check_adapter_fits(path, adapter)
     tokenizer = models.load_tokenizer(path)
     chat = trained_chat_template(chat_template, lora_weights, tokenizer, prompter) if chat_template is not None else None
-    return Prepared(base_model, path, tokenizer, prompter, chat)
+    served = adapters.served_models(named, base_model, prompt_template, chat_template, tokenizer) if named else {}
+    return Prepared(base_model, path, tokenizer, prompter, chat, served)

@@ -90,6 +90,7 @@ class LlamaCppGenerator(Generator):
         self.model = llm
         self.tokenizer, self.prompter, self.chat = prepared.tokenizer, prepared.prompter, prepared.chat
         self.base_model = prepared.base_model
+        self.served = {}  # one GGUF LoRA per process (utils.adapters.check refuses several)
         self.compiled = self.compile_pending = False
         self.lock = threading.Lock()  # one generation at a time in this Llama, whichever engine runs it
         self._eos = eos_ids(prepared)
@@ -142,8 +143,9 @@ class LlamaCppEngine(Engine):
         # max_running: serving.engine_for passes --concurrency_limit; llama.cpp runs one sequence whatever it is.
         super().__init__(generator, max_running=1, max_waiting=max_waiting, batch=LlamaRows(generator))
 
-    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
-        return super().complete(prompts, dataclasses.replace(settings.checked(), num_beams=1), stop)
+    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None,
+                 adapter: Optional[str] = None) -> list[Completion]:
+        return super().complete(prompts, dataclasses.replace(settings.checked(), num_beams=1), stop, adapter)
 
 
 @dataclasses.dataclass

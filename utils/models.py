@@ -436,13 +436,13 @@ def check_adapter_fits(base_path: str, lora_weights: str) -> None:
             )
 
 
-def load_adapter(model, lora_weights: str, trainable: bool = False):
+def load_adapter(model, lora_weights: str, trainable: bool = False, adapter_name: str = "default"):
     """Base model + PEFT adapter; an adapter trained on another base fails with one line."""
     from peft import PeftModel
 
     check_adapter_dir(lora_weights)
     try:
-        return PeftModel.from_pretrained(model, lora_weights, is_trainable=trainable)
+        return PeftModel.from_pretrained(model, lora_weights, adapter_name=adapter_name, is_trainable=trainable)
     except RuntimeError as err:
         if "size mismatch" in str(err):
             raise UserError(

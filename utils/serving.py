@@ -30,6 +30,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from utils import adapters
 from utils.cli import UserError
 from utils.generation import COMPILED_LINE, Completion, Generator, Settings, unwrapped
 
@@ -61,8 +62,9 @@ class Job:
     once it has ended; `stop()` ends it, whether it still waits in the queue or runs."""
 
     def __init__(self, prompt: str, input_ids: torch.Tensor, settings: Settings, stop_strings: Sequence[str],
-                 stop: threading.Event):
+                 stop: threading.Event, adapter: Optional[str] = None):
         self.prompt, self.input_ids, self.settings = prompt, input_ids, settings
+        self.adapter = adapter  # with several adapters served (utils.adapters), the one its row takes
         self.stop_strings = [s for s in stop_strings if s]
         self.stop_event = stop
         self.tokens: list[int] = []
@@ -362,10 +364,12 @@ class Batch:
         self.mask = trim(self.cache, self.mask[keep])
 
     def _forward(self, rows: list[Job], **inputs):
-        """The model's forward pass over `rows`, keeping the last position's logits (rows_in_flight names them)."""
+        """The model's forward pass over `rows`, keeping the last position's logits (rows_in_flight names them),
+        each row with its job's adapter when several are served."""
         _in_flight.rows = rows
         try:
-            return self.model(**inputs, use_cache=True, logits_to_keep=1)
+            with adapters.rows([job.adapter for job in rows] if self.generator.served else None):
+                return self.model(**inputs, use_cache=True, logits_to_keep=1)
         finally:
             _in_flight.rows = None
 
@@ -487,19 +491,22 @@ class Engine:
         return len(self.batch.jobs) + sum(len(todo.jobs) for todo in self.prefilling)
 
     def stream(self, prompt: str, settings: Settings = Settings(), stop: Optional[threading.Event] = None,
-               stop_strings: Sequence[str] = ()) -> Job:
+               stop_strings: Sequence[str] = (), adapter: Optional[str] = None) -> Job:
         """Queue a generation (one beam: num_beams is ignored); a prompt too long raises PromptTooLong, a full
-        queue QueueFull, both before anything is queued."""
+        queue QueueFull, both before anything is queued. `adapter`: with several served, the one it takes (default:
+        Generator.default_adapter)."""
         settings = dataclasses.replace(settings.checked(), num_beams=1)
         input_ids = self.generator.encode([prompt], settings.max_new_tokens)["input_ids"]
-        job = Job(prompt, input_ids, settings, stop_strings, stop or threading.Event())
+        job = Job(prompt, input_ids, settings, stop_strings, stop or threading.Event(),
+                  adapter or self.generator.default_adapter)
         with self.lock:
             self.queue.check_room(self._taken())
             self.queue.waiting.append(job)
             self.lock.notify()
         return job
 
-    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None) -> list[Completion]:
+    def complete(self, prompts: list[str], settings: Settings = Settings(), stop: Optional[threading.Event] = None,
+                 adapter: Optional[str] = None) -> list[Completion]:
         """Whole answers: one beam joins the batch like a stream; beam search runs in this thread through
         transformers' generate(), one forward pass a round (Turns), so that the batch's streams go on meanwhile."""
         settings = settings.checked()
@@ -507,7 +514,7 @@ class Engine:
             jobs = []
             try:
                 for prompt in prompts:
-                    jobs.append(self.stream(prompt, settings, stop))
+                    jobs.append(self.stream(prompt, settings, stop, adapter=adapter))
                 for job in jobs:
                     "".join(job)  # until it has ended (and raise its error, if any)
             finally:  # a full queue or an error part way: the others end too
@@ -524,7 +531,7 @@ class Engine:
         if guest.cancelled:
             return [Completion("", self.generator.prompt_tokens(p), 0, "cancelled") for p in prompts]
         try:
-            with self.turns.guest():
+            with self.turns.guest(), adapters.rows(adapter or self.generator.default_adapter):
                 return self.generator.complete(prompts, settings, stop)
         finally:
             with self.lock:
