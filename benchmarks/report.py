@@ -95,6 +95,42 @@ def roofline(data: dict) -> str:
             + f"\nFLOPs per real token (`flops_per_token`): {flops_per_token:,}.\n")
 
 
+def fp32_profile(data: dict) -> str:
+    """bench_train.py's profile of one fp32 step by op class, with the step's threads and on one thread."""
+    runs = [data[key] for key in ("profile_fp32", "profile_fp32_1thread") if key in data]
+    classes = list(runs[0]["classes"])
+    rows = [[name, *(f"{run['classes'][name]['s']} s ({run['classes'][name]['share']:.0%})" for run in runs)]
+            for name in classes]
+    rows.append(["**the step**", *(f"{run['wall_s']} s" for run in runs)])
+    header = ["op class", *(f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}: seconds (share)" for run in runs)]
+    shares = "; ".join(f"{run['threads']} thread(s) {run['matmul_share']:.0%}, load average {steps(run['load_average'])}"
+                       for run in runs)
+    return table(header, rows) + f"\nTime in matmuls (`matmul_share`, the layers' and the head's): {shares}.\n"
+
+
+def fp32_ceiling(data: dict) -> str:
+    """The fp32 matmul ceiling's arithmetic: each frozen matmul's FLOPs per token at its measured rate, summed."""
+    roof, rows = data["roofline"], []
+    for name, rate in roof["gflops"].items():
+        if not name.startswith("float32"):
+            continue
+        d_in, d_out = (int(x) for x in rate["shape"].split("x")[1:])
+        flops = 2 * d_in * d_out * rate["per_token"]  # one way (forward, or backward to the input)
+        ms = sum(flops / (rate[way] * 1e9) for way in ("forward", "backward")) * 1e3
+        rows.append([name.removeprefix("float32 "), rate["shape"], rate["per_token"], f"{2 * flops:,}",
+                     rate["forward"], rate["backward"], f"{ms:.3f} ms"])
+    ceiling = roof["ceiling"]
+    rows.append(["**all**", "", "", f"{ceiling['matmul_flops_per_token']:,}", "", "", f"{ceiling['matmul_ms_per_token']} ms"])
+    header = ["matmul", "shape (tokens × in → out)", "per token (layers × matrices)", "FLOPs per token, both ways",
+              "forward GFLOP/s", "backward GFLOP/s", "time per token"]
+    shares = "; ".join(f"{name} {r['end_to_end_tokens_per_s'] / ceiling['tokens_per_s']:.0%} end to end, "
+                       f"{r['tokens_per_s'] / ceiling['tokens_per_s']:.0%} steady"
+                       for name, r in data["results"].items() if r["dtype"] == "float32")
+    shares += f" (load average {span(load_averages(data['results']))}; recipes and ratios: `results`)"
+    return (table(header, rows) + f"\nCeiling: 1 / {ceiling['matmul_ms_per_token']} ms = **{ceiling['tokens_per_s']} real "
+            f"tokens/s** in fp32. Reached (real tokens/s over the ceiling): {shares}.\n")
+
+
 def data_prep(data: dict) -> str:
     prep = data["data_prep"]
     rows = [["the original's (one `map` call per record)", f"{prep['reference_s']} s"],
@@ -312,6 +348,8 @@ BLOCKS = {
     "headline": headline, "real-run": real_run, "memory": memory,
     "training": lambda: recipes("cpu-2core.json"),
     "training-avx2": lambda: recipes("cpu-2core-avx2.json"),
+    "fp32-profile": lambda: with_source(fp32_profile, "cpu-2core-avx2-fp32.json"),
+    "fp32-ceiling": lambda: with_source(fp32_ceiling, "cpu-2core-avx2-fp32.json"),
     "training-losses": lambda: losses_by_recipe(load(RESULTS / "cpu-2core.json")),
     "roofline": lambda: roofline(load(RESULTS / "cpu-2core.json")),
     "data-prep": lambda: with_source(data_prep, "cpu-2core.json"),
