@@ -299,6 +299,34 @@ def headline() -> str:
             f"the adapter (`docs/real-run/evaluation.json`).\n")
 
 
+def quickstart_line(data: dict) -> str:
+    """The README's sentence on its own quick start (bench_quickstart.py): time, precision, held-out loss, answer."""
+    minutes, seconds = divmod(round(data["total_s"]), 60)
+    caps = ", AVX2 kernels only" if data["isa_limits"] else ""
+    fp32 = f"fp32 (`{data['extra_flags']}`{caps})" if data["extra_flags"] else "its default precision"
+    return (f"Measured: the two commands after pip took **{minutes} min {seconds:02d} s** ({data['train_runtime_s']} s "
+            f"training) on {data['cpus']} cores of an {data['cpu']} in {fp32}, conversion cache "
+            f"{data['conversion_cache']}, load average {steps(data['load_average'])}; held-out loss "
+            f"{data['held_out_loss_before']} → {data['held_out_loss_after']}; the answer "
+            f"{'ended' if data['ended'] else 'did not end'} ({data['answer_tokens']} tokens) "
+            f"([Performance](docs/performance.md#the-quick-start), `benchmarks/results/quickstart-{data['machine']}.json`).\n")
+
+
+def quickstart(data: dict) -> str:
+    """bench_quickstart.py's table: each part of the README's quick start."""
+    rows = [["`finetune.py` (load, convert on a first run, train, validate, save)", f"{data['finetune_s']} s"],
+            ["of which training (`train_runtime`, the validations included)", f"{data['train_runtime_s']} s"],
+            ["`generate.py` (load, answer)", f"{data['generate_s']} s"], ["**both**", f"**{data['total_s']} s**"]]
+    limits = data["isa_limits"]
+    caps = f"; set: `{' '.join(f'{k}={v}' for k, v in limits.items())}`" if limits else ""
+    return (table(["part", "seconds"], rows) + f"\nExtra flags: `{data['extra_flags'] or 'none'}`{caps}; conversion cache "
+            f"{data['conversion_cache']}; CPU flags: {', '.join(data['isa_flags'])}; load average "
+            f"{steps(data['load_average'])}; measured {data['date']}. Held-out loss {data['held_out_loss_before']} → "
+            f"{data['held_out_loss_after']} ({data['evaluations']} validations). The answer "
+            f"({data['answer_tokens']} tokens; ended: {data['ended']}, loops: {data['repeats_a_phrase']}): "
+            f"\"{' '.join(data['answer'].split())}\"\n")
+
+
 def methods(data: dict) -> str:
     """bench_methods.py's table: one row per adapter method, held-out loss and speed against plain LoRA's."""
     lora = data["results"].get("lora", next(iter(data["results"].values())))
@@ -360,6 +388,8 @@ BLOCKS = {
     "serving": lambda: with_source(serving, "serving-cpu-2core.json"),
     "serving-at-start": lambda: with_source(serving_at_start, "serving-at-start-cpu-2core.json"),
     "gguf": lambda: with_source(gguf, "gguf.json"),
+    "quickstart": lambda: quickstart_line(load(RESULTS / "quickstart-cpu-2core.json")),
+    "quickstart-parts": lambda: with_source(quickstart, "quickstart-cpu-2core.json"),
     "methods": lambda: methods(load(RESULTS / "methods-cpu-2core.json")),
     "merge": lambda: merged(load(RESULTS / "merge-cpu-2core.json")),
 }
