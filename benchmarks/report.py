@@ -126,7 +126,7 @@ def fp32_ceiling(data: dict) -> str:
     shares = "; ".join(f"{name} {r['end_to_end_tokens_per_s'] / ceiling['tokens_per_s']:.0%} end to end, "
                        f"{r['tokens_per_s'] / ceiling['tokens_per_s']:.0%} steady"
                        for name, r in data["results"].items() if r["dtype"] == "float32")
-    shares += f" (load average {span(load_averages(data['results']))}; recipes and ratios: `results`)"
+    shares += f" (load average {span(load_averages(data['results']))})"
     return (table(header, rows) + f"\nCeiling: 1 / {ceiling['matmul_ms_per_token']} ms = **{ceiling['tokens_per_s']} real "
             f"tokens/s** in fp32. Reached (real tokens/s over the ceiling): {shares}.\n")
 
@@ -376,6 +376,7 @@ BLOCKS = {
     "headline": headline, "real-run": real_run, "memory": memory,
     "training": lambda: recipes("cpu-2core.json"),
     "training-avx2": lambda: recipes("cpu-2core-avx2.json"),
+    "training-fp32": lambda: recipes("cpu-2core-avx2-fp32.json"),
     "fp32-profile": lambda: with_source(fp32_profile, "cpu-2core-avx2-fp32.json"),
     "fp32-ceiling": lambda: with_source(fp32_ceiling, "cpu-2core-avx2-fp32.json"),
     "training-losses": lambda: losses_by_recipe(load(RESULTS / "cpu-2core.json")),
