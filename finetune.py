@@ -52,6 +52,7 @@ def train(
     max_steps: int = -1,
     warmup_steps: int = 100,
     save_steps: int = 0,
+    eval_steps: int = 0,
     save_minutes: float = 10,
     logging_steps: int = 10,
     gradient_checkpointing: bool = False,
@@ -98,7 +99,8 @@ def train(
         column_map: Rename data columns, e.g. question=instruction,answer=output.
         max_steps: Stop after this many optimizer steps (overrides num_epochs when > 0).
         warmup_steps: Linear warm-up steps (at most a tenth of the run, so short runs reach the learning rate).
-        save_steps: Optimizer steps between checkpoints and validation passes; 0 (default): a tenth of the run's steps. A checkpoint is also saved at the end.
+        save_steps: Optimizer steps between checkpoints; 0 (default): a tenth of the run's steps. A checkpoint is also saved at the end.
+        eval_steps: Optimizer steps between validation passes; 0 (default): only at the start and at the end (a pass costs as much as a few steps). A value that divides --save_steps (e.g. equal to it, as in the original) also reloads the best checkpoint's adapter at the end.
         save_minutes: Also save a checkpoint when this many minutes have passed since the last one (0: off), so an interrupted run loses minutes; continue it with --resume_from_checkpoint True.
         logging_steps: Optimizer steps between loss reports.
         gradient_checkpointing: Recompute activations in the backward pass: less memory, about 30% slower.
@@ -239,7 +241,7 @@ def prepare_data(plan: Plan, a: dict) -> None:
     plan.settings = TrainSettings(
         micro_batch_size=a["micro_batch_size"], grad_accum=plan.grad_accum,
         num_epochs=a["num_epochs"], max_steps=a["max_steps"], learning_rate=a["learning_rate"],
-        warmup_steps=warmup_steps, save_steps=save_steps, logging_steps=a["logging_steps"],
+        warmup_steps=warmup_steps, save_steps=save_steps, eval_steps=a["eval_steps"], logging_steps=a["logging_steps"],
         group_by_length=a["group_by_length"], packing=a["packing"], gradient_checkpointing=a["gradient_checkpointing"],
         torch_compile=a["torch_compile"], bf16=a["bf16"], report_to=tuple(plan.report_to),
         run_name=a["wandb_run_name"] or None, seed=a["seed"], world_size=plan.world_size,
@@ -288,9 +290,10 @@ def finish_run(trainer, metrics: dict, plan: Plan, arguments: dict) -> None:
 
     metrics = dict(metrics)
     if plan.val_data is not None:
-        # The adapter that is saved is the best one, reloaded at the end. The Trainer has already validated the last
-        # step (and every checkpoint), so the best loss is known: no second validation pass at the end.
-        metrics["final_eval_loss"] = trainer.state.best_metric
+        # The adapter saved is the best one reloaded at the end (--eval_steps dividing --save_steps), else the last;
+        # the Trainer has validated the last step either way: no second pass at the end.
+        last = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h][-1]
+        metrics["final_eval_loss"] = trainer.state.best_metric if trainer.args.load_best_model_at_end else last
     state_dict = distributed.gather_adapter(trainer)  # on every rank: FSDP and ZeRO-3 hold the weights in shards
     if trainer.is_world_process_zero():
         from utils.methods import describe
@@ -437,11 +440,13 @@ def training_arguments(out: Path, device: str, validate: bool, s: TrainSettings)
         optim="adamw_torch",
         eval_strategy="steps" if validate else "no",
         save_strategy="steps",
-        eval_steps=s.save_steps if validate else None,
+        # The Trainer validates a run's last step itself when it falls between passes: with no --eval_steps, a pass
+        # interval beyond any run leaves the start and the end.
+        eval_steps=(s.eval_steps or 2**31 - 1) if validate else None,
         eval_on_start=validate,  # the base model's held-out loss: the baseline the curve starts from
         save_steps=s.save_steps,
         save_total_limit=3,
-        load_best_model_at_end=validate,
+        load_best_model_at_end=keeps_best(validate, s),
         ddp_find_unused_parameters=False if s.world_size > 1 else None,
         train_sampling_strategy="group_by_length" if s.group_by_length else "random",
         activation_checkpointing=s.gradient_checkpointing,
@@ -454,6 +459,11 @@ def training_arguments(out: Path, device: str, validate: bool, s: TrainSettings)
         data_seed=s.seed,
         use_cpu=device == "cpu",
     )
+
+
+def keeps_best(validate: bool, s: TrainSettings) -> bool:
+    """Whether the best checkpoint by held-out loss is reloaded at the end: only when every checkpoint is validated."""
+    return validate and s.eval_steps > 0 and s.save_steps % s.eval_steps == 0
 
 
 def save_run(trainer, tokenizer, out: Path, arguments: dict, state_dict: Optional[dict], base_name: str,

@@ -44,6 +44,7 @@ def main(
     top_k: int = 40,
     num_beams: int = 4,
     max_new_tokens: int = 128,
+    no_repeat_ngram_size: int = 3,
     stream: bool = True,
     batch_size: int = 8,
     concurrency_limit: int = MAX_RUNNING,
@@ -81,6 +82,7 @@ def main(
         top_k: Sample among the k most likely tokens (0: no limit).
         num_beams: Beam search width for non-streamed answers; streaming always uses one beam.
         max_new_tokens: Longest answer, in tokens.
+        no_repeat_ngram_size: Command-line answers (--instruction, --input_file) never repeat a run of this many tokens: a small model's answer, looping on one clause, ends instead of filling max_new_tokens. 0: the original's decoding. The demo, the API and --backend llama.cpp decode without it.
         stream: In the demo, stream answers token by token by default (the user can switch it off).
         batch_size: Instructions generated together in --input_file mode (left-padded batches).
         concurrency_limit: Answers generated at the same time, for the demo's tabs and the API together; they share each forward pass (batched decoding). Further requests wait in one first-come-first-served queue.
@@ -100,7 +102,7 @@ def main(
     check_values(locals())  # first, before the imports below take their seconds
     from utils.generation import Settings
 
-    settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens).checked()
+    settings = Settings(temperature, top_p, top_k, num_beams, max_new_tokens, no_repeat_ngram_size).checked()
     quantization = pick_quantization_flag(load_8bit, load_4bit)
     batch_mode = bool(instruction or input_file)
     records = read_requests(instruction, input, input_file) if batch_mode else []

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, WORK, machine, median, with_load, write
+from common import REPO, WORK, isa_limits, machine, median, with_load, write
 from utils.cli import UserError, run
 
 # name -> how it differs from the reference; every recipe keeps the global batch (--batch_size records/step).
@@ -57,7 +57,6 @@ LLAMA_SHAPES = {
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 }
-ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # caps an AVX2-only run sets
 H100_BF16_FLOPS = 790e12  # the bf16 8192^3 matmul ceiling documented for the H100/H200 machines (not measured here)
 
 
@@ -123,16 +122,22 @@ def matmul_roofline(config: dict, rows: int, seconds: float = 0.6) -> dict:
     of a step that did nothing but its matmuls at these rates."""
     import torch
 
+    from utils.models import cpu_has_bf16
+
     rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, (d_in, d_out, _) in step_matmuls(config).items():
+    # Without native bf16 (or with it hidden by ISA caps) a bf16 matmul is emulated at 1-4 GFLOP/s: the head's shape
+    # alone would take minutes to time, for a rate no recipe uses there.
+    dtypes = (torch.float32, torch.bfloat16) if cpu_has_bf16() else (torch.float32,)
+    for dtype in dtypes:
+        for name, (d_in, d_out, times) in step_matmuls(config).items():
             x, grad = torch.randn(rows, d_in, dtype=dtype), torch.randn(rows, d_out, dtype=dtype)
             w = torch.randn(d_out, d_in, dtype=dtype)
             flops = 2 * rows * d_in * d_out
             rates[f"{str(dtype).removeprefix('torch.')} {name}"] = dict(
-                shape=f"{rows}x{d_in}x{d_out}", forward=matmul_rate(lambda: torch.nn.functional.linear(x, w), flops, seconds),
+                shape=f"{rows}x{d_in}x{d_out}", per_token=times, forward=matmul_rate(lambda: torch.nn.functional.linear(x, w), flops, seconds),
                 backward=matmul_rate(lambda: grad @ w, flops, seconds))
-    return dict(rows=rows, gflops=rates, ceiling=ceiling(config, rates, "float32"), ceiling_bf16=ceiling(config, rates, "bfloat16"))
+    result = dict(rows=rows, gflops=rates, ceiling=ceiling(config, rates, "float32"))
+    return dict(result, ceiling_bf16=ceiling(config, rates, "bfloat16")) if cpu_has_bf16() else result
 
 
 def ceiling(config: dict, rates: dict, dtype: str) -> dict:
@@ -552,7 +557,7 @@ def main(recipes: str = "", steps: int = 3, warmup: int = 1, batch_size: int = 1
                   settings={k: v for k, v in common.items() if k not in ("tokenizer", "base_model")},
                   lora="r=8, alpha=16, dropout=0.05, q_proj+v_proj")
     if not gpu:
-        report["isa_limits"] = {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}  # e.g. an AVX2-only run
+        report["isa_limits"] = isa_limits()
         measure_ceiling(report, common, tokenizer)
     if prep_records:
         report["data_prep"] = p = time_data_prep(tokenizer, prep_records, cutoff_len)

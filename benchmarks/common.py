@@ -46,6 +46,14 @@ def isa_flags() -> list[str]:
     return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
 
 
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")  # caps an AVX2-only run sets
+
+
+def isa_limits() -> dict:
+    """The ISA caps this run was started with (how a CPU without AVX512 or AMX is imitated): {} for none."""
+    return {k: os.environ[k] for k in ISA_VARIABLES if k in os.environ}
+
+
 def machine(*keys: str, gpu: bool = False) -> dict:
     """The `keys` of the machine header: machine (the results file's name), cpu, isa_flags, avx512_bf16, cpus, date."""
     name = f"cpu-{os.cpu_count()}core"

@@ -95,6 +95,42 @@ def roofline(data: dict) -> str:
             + f"\nFLOPs per real token (`flops_per_token`): {flops_per_token:,}.\n")
 
 
+def fp32_profile(data: dict) -> str:
+    """bench_train.py's profile of one fp32 step by op class, with the step's threads and on one thread."""
+    runs = [data[key] for key in ("profile_fp32", "profile_fp32_1thread") if key in data]
+    classes = list(runs[0]["classes"])
+    rows = [[name, *(f"{run['classes'][name]['s']} s ({run['classes'][name]['share']:.0%})" for run in runs)]
+            for name in classes]
+    rows.append(["**the step**", *(f"{run['wall_s']} s" for run in runs)])
+    header = ["op class", *(f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}: seconds (share)" for run in runs)]
+    shares = "; ".join(f"{run['threads']} thread(s) {run['matmul_share']:.0%}, load average {steps(run['load_average'])}"
+                       for run in runs)
+    return table(header, rows) + f"\nTime in matmuls (`matmul_share`, the layers' and the head's): {shares}.\n"
+
+
+def fp32_ceiling(data: dict) -> str:
+    """The fp32 matmul ceiling's arithmetic: each frozen matmul's FLOPs per token at its measured rate, summed."""
+    roof, rows = data["roofline"], []
+    for name, rate in roof["gflops"].items():
+        if not name.startswith("float32"):
+            continue
+        d_in, d_out = (int(x) for x in rate["shape"].split("x")[1:])
+        flops = 2 * d_in * d_out * rate["per_token"]  # one way (forward, or backward to the input)
+        ms = sum(flops / (rate[way] * 1e9) for way in ("forward", "backward")) * 1e3
+        rows.append([name.removeprefix("float32 "), rate["shape"], rate["per_token"], f"{2 * flops:,}",
+                     rate["forward"], rate["backward"], f"{ms:.3f} ms"])
+    ceiling = roof["ceiling"]
+    rows.append(["**all**", "", "", f"{ceiling['matmul_flops_per_token']:,}", "", "", f"{ceiling['matmul_ms_per_token']} ms"])
+    header = ["matmul", "shape (tokens × in → out)", "per token (layers × matrices)", "FLOPs per token, both ways",
+              "forward GFLOP/s", "backward GFLOP/s", "time per token"]
+    shares = "; ".join(f"{name} {r['end_to_end_tokens_per_s'] / ceiling['tokens_per_s']:.0%} end to end, "
+                       f"{r['tokens_per_s'] / ceiling['tokens_per_s']:.0%} steady"
+                       for name, r in data["results"].items() if r["dtype"] == "float32")
+    shares += f" (load average {span(load_averages(data['results']))})"
+    return (table(header, rows) + f"\nCeiling: 1 / {ceiling['matmul_ms_per_token']} ms = **{ceiling['tokens_per_s']} real "
+            f"tokens/s** in fp32. Reached (real tokens/s over the ceiling): {shares}.\n")
+
+
 def data_prep(data: dict) -> str:
     prep = data["data_prep"]
     rows = [["the original's (one `map` call per record)", f"{prep['reference_s']} s"],
@@ -263,6 +299,34 @@ def headline() -> str:
             f"the adapter (`docs/real-run/evaluation.json`).\n")
 
 
+def quickstart_line(data: dict) -> str:
+    """The README's sentence on its own quick start (bench_quickstart.py): time, precision, held-out loss, answer."""
+    minutes, seconds = divmod(round(data["total_s"]), 60)
+    caps = ", AVX2 kernels only" if data["isa_limits"] else ""
+    fp32 = f"fp32 (`{data['extra_flags']}`{caps})" if data["extra_flags"] else "its default precision"
+    return (f"Measured: the two commands after pip took **{minutes} min {seconds:02d} s** ({data['train_runtime_s']} s "
+            f"training) on {data['cpus']} cores of an {data['cpu']} in {fp32}, conversion cache "
+            f"{data['conversion_cache']}, load average {steps(data['load_average'])}; held-out loss "
+            f"{data['held_out_loss_before']} → {data['held_out_loss_after']}; the answer "
+            f"{'ended' if data['ended'] else 'did not end'} ({data['answer_tokens']} tokens) "
+            f"([Performance](docs/performance.md#the-quick-start), `benchmarks/results/quickstart-{data['machine']}.json`).\n")
+
+
+def quickstart(data: dict) -> str:
+    """bench_quickstart.py's table: each part of the README's quick start."""
+    rows = [["`finetune.py` (load, convert on a first run, train, validate, save)", f"{data['finetune_s']} s"],
+            ["of which training (`train_runtime`, the validations included)", f"{data['train_runtime_s']} s"],
+            ["`generate.py` (load, answer)", f"{data['generate_s']} s"], ["**both**", f"**{data['total_s']} s**"]]
+    limits = data["isa_limits"]
+    caps = f"; set: `{' '.join(f'{k}={v}' for k, v in limits.items())}`" if limits else ""
+    return (table(["part", "seconds"], rows) + f"\nExtra flags: `{data['extra_flags'] or 'none'}`{caps}; conversion cache "
+            f"{data['conversion_cache']}; CPU flags: {', '.join(data['isa_flags'])}; load average "
+            f"{steps(data['load_average'])}; measured {data['date']}. Held-out loss {data['held_out_loss_before']} → "
+            f"{data['held_out_loss_after']} ({data['evaluations']} validations). The answer "
+            f"({data['answer_tokens']} tokens; ended: {data['ended']}, loops: {data['repeats_a_phrase']}): "
+            f"\"{' '.join(data['answer'].split())}\"\n")
+
+
 def methods(data: dict) -> str:
     """bench_methods.py's table: one row per adapter method, held-out loss and speed against plain LoRA's."""
     lora = data["results"].get("lora", next(iter(data["results"].values())))
@@ -312,6 +376,9 @@ BLOCKS = {
     "headline": headline, "real-run": real_run, "memory": memory,
     "training": lambda: recipes("cpu-2core.json"),
     "training-avx2": lambda: recipes("cpu-2core-avx2.json"),
+    "training-fp32": lambda: recipes("cpu-2core-avx2-fp32.json"),
+    "fp32-profile": lambda: with_source(fp32_profile, "cpu-2core-avx2-fp32.json"),
+    "fp32-ceiling": lambda: with_source(fp32_ceiling, "cpu-2core-avx2-fp32.json"),
     "training-losses": lambda: losses_by_recipe(load(RESULTS / "cpu-2core.json")),
     "roofline": lambda: roofline(load(RESULTS / "cpu-2core.json")),
     "data-prep": lambda: with_source(data_prep, "cpu-2core.json"),
@@ -322,6 +389,8 @@ BLOCKS = {
     "serving": lambda: with_source(serving, "serving-cpu-2core.json"),
     "serving-at-start": lambda: with_source(serving_at_start, "serving-at-start-cpu-2core.json"),
     "gguf": lambda: with_source(gguf, "gguf.json"),
+    "quickstart": lambda: quickstart_line(load(RESULTS / "quickstart-cpu-2core.json")),
+    "quickstart-parts": lambda: with_source(quickstart, "quickstart-cpu-2core.json"),
     "methods": lambda: methods(load(RESULTS / "methods-cpu-2core.json")),
     "merge": lambda: merged(load(RESULTS / "merge-cpu-2core.json")),
 }

@@ -1,5 +1,6 @@
 """The benchmarks measure what they claim: bench_train.py real tokens, padding and the --gpu (MFU) path on a tiny
-model; bench_generate.py first-token latency and decoding speed, and its verdict against llama.cpp."""
+model; bench_generate.py first-token latency and decoding speed, and its verdict against llama.cpp; bench_quickstart.py
+the README's own command and a looping answer."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ from tiny import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_generate  # noqa: E402
+import bench_quickstart  # noqa: E402
 import bench_serving  # noqa: E402
 import common  # noqa: E402
 import bench_train  # noqa: E402
@@ -167,3 +169,18 @@ def test_serving_flag_mistakes_are_one_line(args, message):
 
     with pytest.raises(UserError, match=message):
         bench_serving.main(**args)
+
+
+# --- benchmarks/bench_quickstart.py -----------------------------------------------------------------------------
+def test_quickstart_times_the_readmes_own_commands():
+    train, answer = bench_quickstart.quick_start()
+    readme = (REPO / "README.md").read_text()
+    assert train.startswith("python finetune.py ") and answer.startswith("python generate.py --lora_weights ./lora-alpaca")
+    assert f" && {train} && {answer}" in readme  # the very line a newcomer copies, after its pip installs
+
+
+def test_quickstart_tells_a_looping_answer_from_one_that_ends():
+    looping = "Alpacas are " + "native to the Andean region of South America, " * 4
+    assert bench_quickstart.repeats_a_phrase(looping)
+    assert not bench_quickstart.repeats_a_phrase("Alpacas are domesticated camelids from South America. They are "
+                                                 "kept for their soft fleece, and they live in herds.")

@@ -17,7 +17,7 @@ from tiny import REPO
 SCRIPTS = ["finetune.py", "generate.py", "evaluate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
            "export_gguf.py", "export_onnx.py", "benchmarks/bench_train.py", "benchmarks/bench_generate.py",
            "benchmarks/bench_serving.py", "benchmarks/bench_start.py", "benchmarks/bench_methods.py",
-           "benchmarks/bench_merge.py", "merge_adapters.py"]
+           "benchmarks/bench_merge.py", "benchmarks/bench_quickstart.py", "merge_adapters.py"]
 # What loading a model (every model class builds on transformers.modeling_utils) or adapting one imports. A mistake
 # is answered before any of it: loading is the work that takes seconds to minutes, and these imports alone take seconds.
 MODEL_CODE = {"transformers.modeling_utils", "peft"}
@@ -73,6 +73,8 @@ MISTAKES = [
     case("export_state_dict_checkpoint.py", ["--num_shard", "2"], "did you mean --num_shards?"),
     case("benchmarks/bench_train.py", ["--step", "3"], "unknown flag --step: did you mean --steps?"),
     case("benchmarks/bench_train.py", ["--gpu", "yes", "--gpu"], "--gpu is given twice"),
+    case("benchmarks/bench_quickstart.py", ["--output", "/proc/quickstart.json"], "--output /proc is not writable"),
+    case("benchmarks/bench_quickstart.py", ["--folder", "/proc/user"], "--folder /proc/user is not writable"),
     # 2. values out of range, before any model loads (a run that would train nothing is one of them)
     case("finetune.py", ["--learning_rate", "3e4"], "--learning_rate must be above 0 and at most 1"),
     case("finetune.py", ["--num_epochs", "0"], "--num_epochs must be above 0"),
@@ -81,6 +83,8 @@ MISTAKES = [
     case("finetune.py", ["--lora_alpha", "0"], "--lora_alpha must be above 0"),
     case("finetune.py", ["--val_set_size", "1.5"], "--val_set_size must be a record count"),
     case("finetune.py", ["--save_steps", "-1"], "--save_steps must be at least 0"),
+    case("finetune.py", ["--eval_steps", "-1"], "--eval_steps must be at least 0"),
+    case("generate.py", ["--instruction", "Hi.", "--no_repeat_ngram_size", "-1"], "--no_repeat_ngram_size must be at least 0"),
     case("finetune.py", ["--save_minutes", "-5"], "--save_minutes must be at least 0"),
     case("finetune.py", ["--base_model", "{tiny}", "--data_path", "{root}/good.json", "--cutoff_len", "4096"],
          "--cutoff_len 4096 is longer than the model's 512-token context"),
@@ -187,7 +191,7 @@ OUTPUT_FLAG = {"finetune.py": "--output_dir", "evaluate.py": "--output_dir", "ex
                "export_gguf.py": "--output_file", "generate.py": "--output_file", "benchmarks/bench_train.py": "--output",
                "benchmarks/bench_generate.py": "--output", "benchmarks/bench_serving.py": "--output",
                "merge_adapters.py": "--output_dir", "benchmarks/bench_methods.py": "--output",
-               "benchmarks/bench_merge.py": "--output"}
+               "benchmarks/bench_merge.py": "--output", "benchmarks/bench_quickstart.py": "--output"}
 
 
 @pytest.mark.parametrize("script, args, message, env", MISTAKES)
@@ -269,10 +273,10 @@ def test_hub_refusals_are_one_line_with_the_fix(monkeypatch, error, message):
     ("learning_rate", 3e-4, 3e4), ("learning_rate", 1.0, 0), ("num_epochs", 0.5, 0), ("max_steps", -1, -2),
     ("max_steps", 1, 0), ("cutoff_len", 1, 0), ("val_set_size", 0.05, 1.5), ("val_set_size", 2000, -1),
     ("lora_r", 1, 0), ("lora_alpha", 0.5, 0), ("lora_dropout", 0.0, 1.0), ("warmup_steps", 0, -1), ("save_steps", 0, -1),
-    ("save_minutes", 0.5, -1),
+    ("eval_steps", 0, -1), ("save_minutes", 0.5, -1),
     ("logging_steps", 1, 0), ("seed", 0, -1), ("quantization", "4bit", "3bit"), ("device_map", "auto", "gpu"),
     ("wandb_watch", "gradients", "grads"), ("temperature", 0, float("nan")), ("top_p", 1, 0), ("top_k", 0, -1),
-    ("num_beams", 1, 0), ("max_new_tokens", 1, 0), ("server_port", 7860, 0), ("device", "cuda:1", "gpu"), ("threads", 0, -1),
+    ("num_beams", 1, 0), ("max_new_tokens", 1, 0), ("no_repeat_ngram_size", 0, -1), ("server_port", 7860, 0), ("device", "cuda:1", "gpu"), ("threads", 0, -1),
     ("num_shards", 8, 0), ("max_shard_size", "500MB", "5 gigs"), ("dtype", "bf16", "float8"), ("batch_size", 1, 0),
 ])
 def test_every_rule_takes_a_good_value_and_refuses_a_bad_one(name, good, bad):

@@ -20,6 +20,9 @@ import torch
 
 from tiny import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_quickstart import quick_start  # noqa: E402  (the README's first command line, as the benchmark times it)
+
 pytestmark = pytest.mark.slow
 
 INSTRUCTION = "Tell me about alpacas."
@@ -35,12 +38,6 @@ EXPORT_ONNX = "python export_onnx.py --lora_weights ./lora-alpaca --output_dir .
 def documented_text() -> str:
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     return re.sub(r"\s+", " ", "\n".join(p.read_text() for p in pages))
-
-
-def quick_start() -> list[str]:
-    """The python commands of the README's first command line (the pip installs are the test run's own set-up)."""
-    line = next(l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("pip install -r requirements.txt"))
-    return [part.strip() for part in line.split("&&") if part.strip().startswith("python ")]
 
 
 def command(text: str, *extra: str) -> list[str]:

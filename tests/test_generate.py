@@ -123,7 +123,8 @@ def test_over_long_prompt_is_refused_with_a_clear_message(gen):
         gen.complete([prompt], GREEDY)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(num_beams=0), dict(max_new_tokens=0)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(num_beams=0), dict(max_new_tokens=0),
+                                 dict(no_repeat_ngram_size=-1)])
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(UserError):
         Settings(**bad).checked()
@@ -367,8 +368,26 @@ def test_compiled_fp32_step_keeps_the_embedded_models_greedy_answers(embedded_mo
 def test_instruction_prints_only_the_answer(tiny_model, adapter, gen, capsys, no_server):
     generate.main(base_model=str(tiny_model), lora_weights=str(adapter), instruction="Tell me about alpacas.",
                   temperature=0, num_beams=1, max_new_tokens=8)
-    expected = gen.complete([gen.render("Tell me about alpacas.")], Settings(temperature=0, num_beams=1, max_new_tokens=8))[0]
+    expected = gen.complete([gen.render("Tell me about alpacas.")], Settings(temperature=0, num_beams=1, max_new_tokens=8,
+                                                                             no_repeat_ngram_size=3))[0]
     assert capsys.readouterr().out == expected.text + "\n"
+
+
+@pytest.mark.parametrize("flag", [3, 0])
+def test_command_line_answers_repeat_no_run_of_three_tokens_unless_asked(tiny_model, adapter, gen, no_server, monkeypatch,
+                                                                         flag):
+    """By default a command-line answer never repeats three tokens in a row (a looping answer ends instead);
+    --no_repeat_ngram_size 0 decodes as the original did."""
+    from utils.generation import Generator
+
+    used, complete = [], Generator.complete
+    monkeypatch.setattr(Generator, "complete", lambda self, prompts, settings, *a: used.append(settings) or complete(self, prompts, settings, *a))
+    generate.main(base_model=str(tiny_model), lora_weights=str(adapter), instruction="Tell me about alpacas.",
+                  **({} if flag else dict(no_repeat_ngram_size=0)))
+    assert [s.no_repeat_ngram_size for s in used] == [flag]
+    prompt, greedy = gen.render("Tell me about alpacas."), dict(temperature=0, num_beams=1, max_new_tokens=40)
+    guarded, original = (complete(gen, [prompt], Settings(**greedy, no_repeat_ngram_size=n))[0].text for n in (3, 0))
+    assert guarded != original  # transformers applies it: the random tiny model's greedy answer repeats itself
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])

@@ -32,6 +32,7 @@ class Settings:
     top_k: int = 40
     num_beams: int = 4
     max_new_tokens: int = 128
+    no_repeat_ngram_size: int = 0  # 0: off, as in the original; generate.py's command-line answers set 3
 
     def checked(self) -> "Settings":
         """These settings with each field of its declared type: a browser sends any slider's value as an int or a
@@ -39,20 +40,23 @@ class Settings:
         (utils/checks.py, the same rules as the command-line flags) raises a one-line UserError."""
         from utils.checks import check_values
 
-        for name in ("top_k", "num_beams", "max_new_tokens"):
+        for name in ("top_k", "num_beams", "max_new_tokens", "no_repeat_ngram_size"):
             value = getattr(self, name)
             if isinstance(value, float) and not value.is_integer():
                 raise UserError(f"{name} must be a whole number, not {value!r}")
         check_values(dataclasses.asdict(self), flag=False)
         return dataclasses.replace(self, temperature=float(self.temperature), top_p=float(self.top_p),
                                    top_k=int(self.top_k), num_beams=int(self.num_beams),
-                                   max_new_tokens=int(self.max_new_tokens))
+                                   max_new_tokens=int(self.max_new_tokens),
+                                   no_repeat_ngram_size=int(self.no_repeat_ngram_size))
 
     def generate_kwargs(self) -> dict:
         """model.generate() arguments. Temperature 0 means greedy (or plain beam search); above 0 it samples.
 
         The original passed temperature without do_sample, so transformers silently ignored it; here it acts."""
         kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.temperature > 0)
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
         if kwargs["do_sample"]:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:  # unset, so a model's own sampling defaults do not draw "flags will be ignored" warnings

@@ -29,6 +29,7 @@ class TrainSettings:
     warmup_steps: int
     save_steps: int
     logging_steps: int
+    eval_steps: int = 0  # 0: validate at the start and at the end only
     group_by_length: bool = False
     packing: bool = True
     gradient_checkpointing: bool = False
