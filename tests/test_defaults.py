@@ -95,7 +95,8 @@ def test_generate_answers_with_the_adapters_base(tiny_gqa_model, gqa_adapter, mo
     generate.main(lora_weights=str(gqa_adapter), instruction=INSTRUCTION, temperature=0, num_beams=1, max_new_tokens=6)
     answer = capsys.readouterr().out
     gen = load_generator(str(tiny_gqa_model), str(gqa_adapter), device="cpu")
-    assert answer == gen.complete([gen.render(INSTRUCTION)], Settings(temperature=0, num_beams=1, max_new_tokens=6))[0].text + "\n"
+    settings = Settings(temperature=0, num_beams=1, max_new_tokens=6, no_repeat_ngram_size=3)  # a command line's default
+    assert answer == gen.complete([gen.render(INSTRUCTION)], settings)[0].text + "\n"
 
 
 def test_generate_reads_the_base_model_environment_variable(tmp_path, tiny_gqa_model, gqa_adapter, monkeypatch):
