@@ -61,7 +61,9 @@ def answering(model, tokenizer, answer_for):
     "rows" (batch × beams of its prefill), "steps" (forward passes so far)}."""
     from utils.serving import rows_in_flight
 
-    local, runs, by_job = threading.local(), [], {}
+    # `alive` holds every job seen: a job freed after its answer could lend its id() to the next one, which would
+    # then be taken for a chunk of the old one and follow the old script.
+    local, runs, by_job, alive = threading.local(), [], {}, []
 
     def on_forward(module, args, kwargs):
         ids = kwargs.get("input_ids")
@@ -77,6 +79,7 @@ def answering(model, tokenizer, answer_for):
             run = {"prompt": prompt, "answer": answer, "script": script, "rows": 1 if jobs else ids.shape[0], "steps": 0}
             runs.append(run)
             by_job[id(job)] = local.run = run
+            alive.append(job)
 
     def on_logits(module, args, output):
         jobs = rows_in_flight()
